@@ -1,0 +1,32 @@
+"""peqa_peft: quantization-aware fine-tuning methods (PEQA, QFT) as first-class PEFT methods.
+
+Importing the package registers the new PEFT types, after which ``peft.get_peft_model``,
+``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM`` and ``push_to_hub`` work with them unchanged::
+
+    import peqa_peft
+    from peft import get_peft_model
+    model = get_peft_model(model, peqa_peft.PeqaConfig(bits=4, task_type="CAUSAL_LM"))
+"""
+
+from .peft_integration import add_peft_type, patch_peft_model
+
+add_peft_type("PEQA")
+patch_peft_model()
+
+from .quant import QuantLinear, compute_qparams, fake_quantize, pack_bits, unpack_bits  # noqa: E402
+from .tuners import PeqaConfig, PeqaModel  # noqa: E402
+from .utils import quantized_layer_bytes  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PeqaConfig",
+    "PeqaModel",
+    "QuantLinear",
+    "__version__",
+    "compute_qparams",
+    "fake_quantize",
+    "pack_bits",
+    "quantized_layer_bytes",
+    "unpack_bits",
+]

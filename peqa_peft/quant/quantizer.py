@@ -1,0 +1,164 @@
+"""Asymmetric uniform b-bit quantization with a zero-point, per output channel or per group of input columns.
+
+The quantizer is the one of PEQA (Kim et al., 2023), eq. (1)::
+
+    W_hat = s0 * (clamp(round(W / s0) + z0, 0, 2^b - 1) - z0)
+
+with ``s0``/``z0`` of shape ``(out_features, n_groups)``; ``n_groups == 1`` is the per-channel setting. Scales and
+zero-points are chosen to minimise ``||W - W_hat||_F^2`` by a search over clipping ratios of each group's range
+(``method="mse"``, the default), or taken from the plain min/max range (``method="minmax"``, round-to-nearest).
+
+Everything here is plain PyTorch and works on any device; it is the reference the fused ops are tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+QuantMethod = Literal["mse", "minmax"]
+
+# Row chunk for the clipping search: bounds the temporaries to about this many elements per candidate ratio.
+_SEARCH_CHUNK_ELEMENTS = 1 << 22
+
+
+def validate_bits(bits: int) -> None:
+    """Raise a ``ValueError`` unless ``bits`` is an integer bit width this package can pack (2..8)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"`bits` must be one of {SUPPORTED_BITS} (PEQA uses 2, 3, 4 or 8), got {bits!r}.")
+
+
+def validate_group_size(group_size: Optional[int], in_features: Optional[int] = None, name: str = "") -> None:
+    """Raise a ``ValueError`` unless ``group_size`` is ``None`` (per channel) or a positive divisor of ``in_features``."""
+    if group_size is None:
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"`group_size` must be None (per output channel) or a positive int, got {group_size!r}.")
+    if in_features is not None and in_features % group_size != 0:
+        where = f" of module '{name}'" if name else ""
+        raise ValueError(
+            f"`group_size={group_size}` does not divide in_features={in_features}{where}; choose a divisor of "
+            f"in_features, use group_size=None (per output channel), or exclude the module via `exclude_modules`."
+        )
+
+
+def num_groups(in_features: int, group_size: Optional[int]) -> int:
+    """Number of quantization groups per output row."""
+    return 1 if group_size is None else in_features // group_size
+
+
+def _grouped(weight: torch.Tensor, group_size: Optional[int]) -> torch.Tensor:
+    out_features, in_features = weight.shape
+    return weight.reshape(out_features, num_groups(in_features, group_size), -1)
+
+
+def _qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = ((xmax - xmin) / maxq).clamp_min(torch.finfo(torch.float32).tiny)
+    zero = torch.round(-xmin / scale).clamp_(0, maxq)
+    return scale, zero
+
+
+def _group_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+    return ((q - z) * s - w).pow_(2).sum(-1)
+
+
+def _search_chunk(w: torch.Tensor, maxq: int, method: QuantMethod, grid: int, max_shrink: float):
+    # Including 0 in the range keeps exact zeros representable and makes constant groups well defined.
+    xmin = w.amin(-1).clamp(max=0)
+    xmax = w.amax(-1).clamp(min=0)
+    degenerate = (xmax - xmin) == 0
+    xmin = torch.where(degenerate, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(degenerate, torch.ones_like(xmax), xmax)
+    best_scale, best_zero = _qparams_from_range(xmin, xmax, maxq)
+    if method == "minmax":
+        return best_scale, best_zero
+    best_err = _group_error(w, best_scale, best_zero, maxq)
+    for i in range(1, int(max_shrink * grid)):
+        ratio = 1.0 - i / grid
+        scale, zero = _qparams_from_range(ratio * xmin, ratio * xmax, maxq)
+        err = _group_error(w, scale, zero, maxq)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+@torch.no_grad()
+def compute_qparams(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: Optional[int] = None,
+    method: QuantMethod = "mse",
+    grid: int = 100,
+    max_shrink: float = 0.8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose scales and zero-points for ``weight`` (``out_features x in_features``).
+
+    Args:
+        weight: the full-precision weight; it is read in float32 and not modified.
+        bits: bit width ``b``; codes lie in ``[0, 2^b - 1]``.
+        group_size: ``None`` for one scale per output channel, else the number of input columns sharing a scale.
+        method: ``"mse"`` searches ``int(max_shrink * grid)`` clipping ratios ``1, 1 - 1/grid, ...`` of each group's
+            range and keeps the one with the lowest squared error (GPTQ's grid search with the Frobenius norm);
+            ``"minmax"`` uses the full range (round-to-nearest).
+        grid: resolution of the clipping-ratio grid.
+        max_shrink: the largest fraction of the range that may be clipped away.
+
+    Returns:
+        ``(scale, zero_point)``, float32 tensors of shape ``(out_features, n_groups)``; zero-points are integers.
+    """
+    validate_bits(bits)
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    validate_group_size(group_size, weight.shape[1])
+    if method not in ("mse", "minmax"):
+        raise ValueError(f"`method` must be 'mse' or 'minmax', got {method!r}")
+    if not 0.0 <= max_shrink < 1.0 or grid < 1:
+        raise ValueError(f"need grid >= 1 and 0 <= max_shrink < 1, got grid={grid}, max_shrink={max_shrink}")
+    maxq = 2**bits - 1
+    w = _grouped(weight.detach().float(), group_size)
+    rows = max(1, _SEARCH_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    scales, zeros = [], []
+    for start in range(0, w.shape[0], rows):
+        s, z = _search_chunk(w[start : start + rows], maxq, method, grid, max_shrink)
+        scales.append(s)
+        zeros.append(z)
+    return torch.cat(scales), torch.cat(zeros)
+
+
+@torch.no_grad()
+def quantize(
+    weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, group_size: Optional[int] = None
+) -> torch.Tensor:
+    """Integer codes ``clamp(round(W / s) + z, 0, 2^b - 1)`` as ``uint8`` of the weight's shape."""
+    maxq = 2**bits - 1
+    w = _grouped(weight.detach().float(), group_size)
+    q = torch.clamp(torch.round(w / scale.float().unsqueeze(-1)) + zero_point.float().unsqueeze(-1), 0, maxq)
+    return q.to(torch.uint8).reshape(weight.shape)
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    group_size: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``s * (q - z)`` for unpacked codes of shape ``(out_features, in_features)``; differentiable in ``s`` and ``z``."""
+    q = _grouped(codes, group_size).to(dtype)
+    w = (q - zero_point.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)
+    return w.reshape(codes.shape)
+
+
+def fake_quantize(
+    weight: torch.Tensor, bits: int, group_size: Optional[int] = None, method: QuantMethod = "mse", **search_kwargs
+) -> torch.Tensor:
+    """Quantize then dequantize ``weight`` (in its own dtype): the RTN / PEQA-init reference in one call."""
+    scale, zero = compute_qparams(weight, bits, group_size, method, **search_kwargs)
+    codes = quantize(weight, scale, zero, bits, group_size)
+    return dequantize(codes, scale, zero, group_size, dtype=weight.dtype)

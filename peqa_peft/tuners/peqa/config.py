@@ -1,0 +1,95 @@
+"""Configuration of PEQA adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+from ...quant.quantizer import validate_bits, validate_group_size
+
+
+@dataclass
+class PeqaConfig(PeftConfig):
+    """Configuration of a [`PeqaModel`]: which linear layers to quantize and how, and how the scales are tuned.
+
+    PEQA (Kim et al., 2023, "Memory-Efficient Fine-Tuning of Compressed Large Language Models via sub-4-bit Integer
+    Quantization") quantizes every targeted linear weight once to ``bits``-bit integers and then fine-tunes only the
+    quantization scales: ``W_hat = (s0 + delta_s) * (clamp(round(W0 / s0) + z0, 0, 2^b - 1) - z0)``. The adapter is
+    ``delta_s`` (``out_features x n_groups`` values per layer).
+
+    Args:
+        bits: weight bit width, 2..8 (the paper uses 3 and 4).
+        group_size: ``None`` (default, the paper's main setting) for one scale per output channel, or the number of
+            input columns sharing a scale (e.g. 64, 128, 256; must divide every targeted layer's ``in_features``).
+        init_method: how ``s0``/``z0`` are chosen: ``"mse"`` minimises ``||W0 - W_hat0||_F^2`` over clipping
+            ratios, ``"minmax"`` is plain round-to-nearest over the full range.
+        search_grid: resolution of the clipping-ratio search (ratios ``1, 1 - 1/grid, ...``).
+        max_shrink: largest fraction of a group's range the search may clip away.
+        train_zero_point: also train a zero-point delta ``delta_z`` per group (off in the paper).
+        init_weights: ``True`` (default) starts ``delta_s`` (and ``delta_z``) at zero, so a fresh adapter reproduces
+            the quantized base exactly. ``False`` starts from a random non-identity ``delta_s`` (for testing).
+        target_modules: module names / regex / ``"all-linear"`` (the default when left ``None``: PEQA quantizes every
+            linear layer but the output head). ``nn.Linear`` and transformers' ``Conv1D`` are supported.
+        exclude_modules: names / regex of modules not to quantize.
+        layers_to_transform / layers_pattern: restrict to some layer indices, as in LoRA.
+        modules_to_save: extra modules trained in full and saved with the adapter (e.g. a classifier head).
+        base_fingerprint: filled in when the adapter is created: bits, group size and a hash of ``s0``/``z0`` per
+            quantized layer. Loading the adapter onto a base that quantizes differently raises a ``ValueError``.
+            (To load anyway, pass ``config=`` with ``base_fingerprint=None`` to ``PeftModel.from_pretrained``.)
+    """
+
+    bits: int = field(default=4, metadata={"help": "Weight bit width (2..8)."})
+    group_size: Optional[int] = field(
+        default=None, metadata={"help": "None for per-output-channel scales, else input columns per scale group."}
+    )
+    init_method: Literal["mse", "minmax"] = field(
+        default="mse", metadata={"help": "'mse' (clipping search minimising ||W - W_hat||_F^2) or 'minmax' (RTN)."}
+    )
+    search_grid: int = field(default=100, metadata={"help": "Resolution of the clipping-ratio search."})
+    max_shrink: float = field(default=0.8, metadata={"help": "Largest fraction of a range the search may clip."})
+    train_zero_point: bool = field(default=False, metadata={"help": "Also train a zero-point delta per group."})
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: delta_s starts at 0 (identity). False: random non-identity start."}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Modules to quantize and adapt: names, a regex, or 'all-linear' (the default if None)."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names or a regex of modules to leave untouched."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt layers with these indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list the indices refer to (e.g. 'layers')."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
+    )
+    base_fingerprint: Optional[dict] = field(
+        default=None, metadata={"help": "Set on creation; checked on load to refuse a differently quantized base."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.PEQA
+        validate_bits(self.bits)
+        validate_group_size(self.group_size)
+        if self.init_method not in ("mse", "minmax"):
+            raise ValueError(f"`init_method` must be 'mse' or 'minmax', got {self.init_method!r}")
+        if self.search_grid < 1 or not 0.0 <= self.max_shrink < 1.0:
+            raise ValueError(
+                f"need search_grid >= 1 and 0 <= max_shrink < 1, got {self.search_grid} and {self.max_shrink}"
+            )
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("`layers_pattern` is only used together with `layers_to_transform`.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (regex).")

@@ -1,0 +1,189 @@
+"""The PEQA tuner: quantizes the targeted linear layers once and attaches scale-delta adapters to them."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, _maybe_include_all_linear_layers
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from ...quant import QuantLinear, validate_group_size
+from .config import PeqaConfig
+from .layer import Linear, PeqaLayer
+
+_SUPPORTED_TARGETS = (nn.Linear, Conv1D, QuantLinear, PeqaLayer)
+
+
+class PeqaModel(BaseTuner):
+    """Creates a PEQA model from a pretrained transformers model (use it through ``peft.get_peft_model``).
+
+    Every targeted ``nn.Linear`` / ``Conv1D`` is replaced by a :class:`peqa_peft.tuners.peqa.Linear` whose base is a
+    :class:`~peqa_peft.quant.QuantLinear`: the weight is quantized once to ``bits``-bit packed codes and its floating
+    point copy is released. Adapters hold only scale deltas. Adding further adapters reuses the same quantized base.
+
+    All checks (module types, group size, fingerprint of a loaded adapter) run before the first module is replaced,
+    so a failing call leaves the model as it was.
+
+    Example:
+
+        ```py
+        >>> import peqa_peft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peqa_peft.PeqaConfig(bits=4, task_type="CAUSAL_LM"))
+        >>> model.print_trainable_parameters()
+        ```
+    """
+
+    prefix: str = "peqa_"
+    tuner_layer_cls = PeqaLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: PeqaConfig, model_config: dict) -> PeqaConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = "all-linear"
+        return peft_config
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        config = self.peft_config[adapter_name]
+        self._pending_quant: dict[str, QuantLinear] = {}
+        if state_dict is None:
+            self._pending_quant = self._quantize_targets(model, config)
+        try:
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+        finally:
+            self._pending_quant = {}
+        self._record_fingerprint(model, config, adapter_name)
+
+    def _find_targets(self, model: nn.Module, config: PeqaConfig) -> dict[str, nn.Module]:
+        self._prepare_adapter_config(config, self.get_model_config(model))
+        _maybe_include_all_linear_layers(config, model)
+        inside_tuner = [name + "." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+        targets = {}
+        for key, module in model.named_modules():
+            if not key or any(key.startswith(prefix) for prefix in inside_tuner):
+                continue
+            match = self._check_target_module_exists(config, key)
+            if match and not isinstance(match, _ExcludedModule):
+                targets[key] = module
+        return targets
+
+    def _quantize_targets(self, model: nn.Module, config: PeqaConfig) -> dict[str, QuantLinear]:
+        """Validate every target, then quantize the float ones (the model itself is not touched here)."""
+        targets = self._find_targets(model, config)
+        for key, module in targets.items():
+            if not isinstance(module, _SUPPORTED_TARGETS):
+                raise TypeError(
+                    f"Target module '{key}' is a {type(module).__name__}; PEQA supports torch.nn.Linear and "
+                    "transformers' Conv1D. Adjust `target_modules` or add it to `exclude_modules`."
+                )
+            in_features = module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
+            validate_group_size(config.group_size, in_features, key)
+        to_quantize = {k: m for k, m in targets.items() if isinstance(m, (nn.Linear, Conv1D))}
+        pending = {}
+        progress = tqdm(to_quantize.items(), desc=f"PEQA: quantizing to {config.bits} bits", unit="layer")
+        for key, module in progress:
+            pending[key] = QuantLinear.from_linear(
+                module, config.bits, config.group_size, config.init_method, config.search_grid, config.max_shrink
+            )
+        self._verify_fingerprint(
+            {**{k: m for k, m in targets.items() if isinstance(m, (QuantLinear, PeqaLayer))}, **pending}, config
+        )
+        return pending
+
+    @staticmethod
+    def _layer_fingerprint(module: nn.Module) -> str:
+        return module.base_fingerprint() if isinstance(module, PeqaLayer) else module.fingerprint()
+
+    def _verify_fingerprint(self, layers: dict[str, nn.Module], config: PeqaConfig) -> None:
+        expected = config.base_fingerprint
+        if not expected:
+            return
+        if (expected.get("bits"), expected.get("group_size")) != (config.bits, config.group_size):
+            raise ValueError(
+                f"adapter config is inconsistent: it was trained with bits={expected.get('bits')}, group_size="
+                f"{expected.get('group_size')} but asks for bits={config.bits}, group_size={config.group_size}"
+            )
+        recorded = expected.get("layers", {})
+        for key, module in layers.items():
+            if key in recorded and recorded[key] != self._layer_fingerprint(module):
+                raise ValueError(
+                    f"This PEQA adapter was trained on a different quantized base: the quantization grid of layer "
+                    f"'{key}' (bits={config.bits}, group_size={config.group_size}) does not match the one recorded in "
+                    "the adapter. Load it onto the base model it was trained with (adapter_config.json "
+                    "'base_model_name_or_path'), quantized with the same settings."
+                )
+
+    def _record_fingerprint(self, model: nn.Module, config: PeqaConfig, adapter_name: str) -> None:
+        """Record the fingerprint of the base in a new adapter's config (loaded configs were checked before)."""
+        if config.base_fingerprint:
+            return
+        layers = {
+            key: self._layer_fingerprint(module)
+            for key, module in model.named_modules()
+            if isinstance(module, PeqaLayer) and adapter_name in module.peqa_scale
+        }
+        config.base_fingerprint = {"bits": config.bits, "group_size": config.group_size, "layers": layers}
+
+    def _create_and_replace(
+        self,
+        peft_config: PeqaConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        if isinstance(target, PeqaLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        base = self._pending_quant.pop(current_key, None)
+        if base is None:
+            base = self._quantize_one(target, peft_config, current_key)
+        new_module = Linear(base, adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _quantize_one(target: nn.Module, config: PeqaConfig, key: str) -> QuantLinear:
+        # Only reached when PEFT matches modules from a state_dict instead of the config.
+        if isinstance(target, QuantLinear):
+            return target
+        if not isinstance(target, (nn.Linear, Conv1D)):
+            raise TypeError(f"Target module '{key}' ({type(target).__name__}) is not a linear layer")
+        return QuantLinear.from_linear(
+            target, config.bits, config.group_size, config.init_method, config.search_grid, config.max_shrink
+        )
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # The new module already lives on the base's device (adapters are created there), and a QuantLinear has no
+        # float `weight` for PEFT's generic weight-sharing logic to copy: assignment is all that is needed.
+        setattr(parent, child_name, new_module)
+
+    def _check_new_adapter_config(self, config: PeqaConfig) -> None:
+        super()._check_new_adapter_config(config)
+        others = [c for c in self.peft_config.values() if c is not config]
+        for other in others:
+            if (other.bits, other.group_size) != (config.bits, config.group_size):
+                raise ValueError(
+                    f"All PEQA adapters of a model share one quantized base; the model uses bits={other.bits}, "
+                    f"group_size={other.group_size} but the new adapter asks for bits={config.bits}, "
+                    f"group_size={config.group_size}."
+                )
