@@ -18,7 +18,7 @@ The PEFT versions this was written and tested against are pinned in ``pyproject.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 from peft import PeftModel
 from peft.utils import PeftType, register_peft_method

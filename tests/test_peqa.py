@@ -45,7 +45,9 @@ def test_default_is_per_channel_and_only_scales_train(demo_model):
 @pytest.mark.parametrize("group_size", [None, 16])
 def test_trainable_count_is_out_features_times_groups(group_size):
     model = get_peft_model(tiny_llama(), PeqaConfig(bits=3, group_size=group_size))
-    expected = sum(m.out_features * (1 if group_size is None else m.in_features // group_size) for m in peqa_layers(model))
+    expected = sum(
+        m.out_features * (1 if group_size is None else m.in_features // group_size) for m in peqa_layers(model)
+    )
     assert model.get_nb_trainable_parameters()[0] == expected
 
 
@@ -72,7 +74,7 @@ def test_init_weights_false_is_not_identity():
 
 
 def test_float_weights_are_freed_and_layers_hold_packed_codes(demo_model):
-    """Per wrapped layer the resident bytes are ceil(b*in/8) per row + scales/zero-points + the adapter, nothing else."""
+    """Per wrapped layer: ceil(b*in/8) bytes per row + scales/zero-points + the adapter, nothing else resident."""
     for bits in (2, 3, 4, 8):
         model = get_peft_model(copy.deepcopy(demo_model), PeqaConfig(bits=bits))
         report = peqa_peft.quantized_layer_bytes(model)
@@ -81,7 +83,7 @@ def test_float_weights_are_freed_and_layers_hold_packed_codes(demo_model):
             layer = model.get_submodule(name)
             out_f, in_f = layer.out_features, layer.in_features
             assert entry["codes"] == out_f * math.ceil(bits * in_f / 8)
-            assert entry["qparams"] == 2 * out_f * 4  # fp32 s0 and z0, one group
+            assert entry["qparams"] == out_f * (4 + 1)  # fp32 s0 and uint8 z0, one group
             assert entry["adapter"] == out_f * 4  # fp32 delta_s
             assert entry["total"] == entry["codes"] + entry["qparams"] + entry["bias"] + entry["adapter"]
             assert entry["total"] < out_f * in_f * 4 / (32 / bits) + 16 * out_f
@@ -144,8 +146,9 @@ def test_second_adapter_must_share_quantization():
 
 @pytest.mark.parametrize("train_zero_point", [False, True])
 def test_merge_and_unload_gives_packed_model_with_same_logits(train_zero_point):
-    model = get_peft_model(tiny_llama(), PeqaConfig(bits=3, group_size=32, init_weights=False,
-                                                     train_zero_point=train_zero_point))
+    model = get_peft_model(
+        tiny_llama(), PeqaConfig(bits=3, group_size=32, init_weights=False, train_zero_point=train_zero_point)
+    )
     with torch.no_grad():
         expected = model(IDS).logits
         model.merge_adapter()
@@ -194,13 +197,19 @@ def test_conv1d_gpt2():
 
 def test_target_selection_options():
     def wrapped(config):
-        return {n.removeprefix("base_model.model.") for n, m in get_peft_model(tiny_llama(), config).named_modules()
-                if isinstance(m, PeqaLayer)}
+        return {
+            n.removeprefix("base_model.model.")
+            for n, m in get_peft_model(tiny_llama(), config).named_modules()
+            if isinstance(m, PeqaLayer)
+        }
 
     assert wrapped(PeqaConfig(target_modules=["q_proj", "v_proj"])) == {
-        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    }
     assert len(wrapped(PeqaConfig(target_modules="all-linear", exclude_modules=["down_proj"]))) == 12
-    assert wrapped(PeqaConfig(target_modules=["q_proj"], layers_to_transform=[1])) == {"model.layers.1.self_attn.q_proj"}
+    assert wrapped(PeqaConfig(target_modules=["q_proj"], layers_to_transform=[1])) == {
+        "model.layers.1.self_attn.q_proj"
+    }
     model = get_peft_model(tiny_llama(), PeqaConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("lm_head.modules_to_save" in n for n in trainable)

@@ -56,7 +56,7 @@ def test_minmax_matches_reference(bits, group_size):
     assert (codes.int() - ref_codes.int()).abs().max() <= 1
     assert (codes != ref_codes).float().mean() < 0.01
     w_hat = dequantize(codes, scale, zero, group_size)
-    ref_w_hat = ((ref_codes.float().view(16, -1, 64 // scale.shape[1]) - ref_zero[..., None]) * ref_scale[..., None])
+    ref_w_hat = (ref_codes.float().view(16, -1, 64 // scale.shape[1]) - ref_zero[..., None]) * ref_scale[..., None]
     torch.testing.assert_close(w_hat, ref_w_hat.view(16, 64), atol=scale.max().item() * 1.01, rtol=0)
 
 
@@ -236,3 +236,13 @@ def test_bad_group_size():
         compute_qparams(torch.randn(4, 12), 4, group_size=8)
     with pytest.raises(ValueError, match="positive int"):
         compute_qparams(torch.randn(4, 12), 4, group_size=0)
+
+
+def test_fractional_zero_point_checkpoint_keeps_its_dtype():
+    q = QuantLinear.from_linear(torch.nn.Linear(16, 4), 4)
+    assert q.zero_point.dtype == torch.uint8
+    state = q.state_dict()
+    state["zero_point"] = state["zero_point"].float() + 0.25
+    fresh = QuantLinear(16, 4, 4)
+    fresh.load_state_dict(state)
+    assert fresh.zero_point.dtype == torch.float32 and torch.equal(fresh.zero_point, state["zero_point"])

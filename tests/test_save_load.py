@@ -44,7 +44,11 @@ def test_registration_is_idempotent_and_complete():
 def test_save_writes_only_scale_deltas_and_fingerprint(tmp_path):
     model = trained_adapter(tiny_llama())
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert len(tensors) == 14 and all(k.endswith(".peqa_scale") for k in tensors)
     assert sum(t.numel() for t in tensors.values()) == model.get_nb_trainable_parameters()[0]
@@ -86,8 +90,8 @@ def test_reload_in_fresh_process_identical_logits(tmp_path, demo_model, demo_pat
         os.environ["HF_HUB_OFFLINE"] = "1"
         import peqa_peft
         from peft import AutoPeftModelForCausalLM
-        model = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / 'adapter')!r})
-        ref = torch.load({str(tmp_path / 'expected.pt')!r})
+        model = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / "adapter")!r})
+        ref = torch.load({str(tmp_path / "expected.pt")!r})
         with torch.no_grad():
             logits = model(ref["ids"]).logits
         assert torch.equal(logits, ref["logits"]), (logits - ref["logits"]).abs().max()

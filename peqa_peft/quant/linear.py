@@ -30,7 +30,8 @@ class QuantLinear(nn.Module):
 
     - ``qweight``: ``uint8``, the codes packed densely (``ceil(out*in/8) * bits`` bytes),
     - ``scale``: float32 ``(out_features, n_groups)``, the step size ``s0``,
-    - ``zero_point``: float32 ``(out_features, n_groups)``, the integer zero-point ``z0``.
+    - ``zero_point``: ``uint8`` ``(out_features, n_groups)``, the integer zero-point ``z0`` (float32 once a trained
+      zero-point delta has been merged into it).
 
     ``forward(x)`` computes ``x @ (s0 * (q - z0))^T + bias`` in the activation dtype; PEQA adapters call it with
     tuned scales instead (``forward(x, scale=s0 + delta_s)``). No floating point copy of the weight is kept.
@@ -57,7 +58,7 @@ class QuantLinear(nn.Module):
         nbytes = packed_numel(in_features * out_features, bits)
         self.register_buffer("qweight", torch.zeros(nbytes, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float32, device=device))
-        self.register_buffer("zero_point", torch.zeros(out_features, n_groups, dtype=torch.float32, device=device))
+        self.register_buffer("zero_point", torch.zeros(out_features, n_groups, dtype=torch.uint8, device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
         else:
@@ -73,7 +74,7 @@ class QuantLinear(nn.Module):
         method: QuantMethod = "mse",
         grid: int = 100,
         max_shrink: float = 0.8,
-    ) -> "QuantLinear":
+    ) -> QuantLinear:
         """Quantize an ``nn.Linear`` / ``Conv1D`` (its weight is read, not modified). See :func:`compute_qparams`."""
         weight = _linear_weight(module)
         out_features, in_features = weight.shape
@@ -82,9 +83,16 @@ class QuantLinear(nn.Module):
         scale, zero = compute_qparams(weight, bits, group_size, method, grid=grid, max_shrink=max_shrink)
         codes = quantize(weight, scale, zero, bits, group_size)
         new.qweight = pack_bits(codes, bits)
-        new.scale, new.zero_point = scale, zero
+        new.scale, new.zero_point = scale, zero.to(torch.uint8)
         new.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         return new
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint with a merged (fractional) zero-point stores it as float: adopt its dtype instead of truncating.
+        zero_point = state_dict.get(prefix + "zero_point")
+        if zero_point is not None and zero_point.dtype != self.zero_point.dtype:
+            self.zero_point = torch.empty_like(self.zero_point, dtype=zero_point.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def n_groups(self) -> int:
@@ -134,7 +142,9 @@ class QuantLinear(nn.Module):
 
     def memory_bytes(self) -> dict[str, int]:
         """Resident bytes of this layer's tensors: packed codes, scales + zero-points, bias."""
-        qparams = self.scale.numel() * self.scale.element_size() + self.zero_point.numel() * self.zero_point.element_size()
+        qparams = (
+            self.scale.numel() * self.scale.element_size() + self.zero_point.numel() * self.zero_point.element_size()
+        )
         bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         return {"codes": self.qweight.numel() * self.qweight.element_size(), "qparams": qparams, "bias": bias}
 

@@ -31,7 +31,7 @@ def validate_bits(bits: int) -> None:
 
 
 def validate_group_size(group_size: Optional[int], in_features: Optional[int] = None, name: str = "") -> None:
-    """Raise a ``ValueError`` unless ``group_size`` is ``None`` (per channel) or a positive divisor of ``in_features``."""
+    """Raise a ``ValueError`` unless ``group_size`` is ``None`` (per channel) or a positive divisor of in_features."""
     if group_size is None:
         return
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
@@ -149,7 +149,7 @@ def dequantize(
     group_size: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``s * (q - z)`` for unpacked codes of shape ``(out_features, in_features)``; differentiable in ``s`` and ``z``."""
+    """``s * (q - z)`` for unpacked codes ``(out_features, in_features)``; differentiable in ``s`` and ``z``."""
     q = _grouped(codes, group_size).to(dtype)
     w = (q - zero_point.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)
     return w.reshape(codes.shape)

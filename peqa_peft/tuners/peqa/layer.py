@@ -94,20 +94,21 @@ class Linear(nn.Module, PeqaLayer):
             if delta_scale is None:
                 continue
             new_scale = base.scale + delta_scale.detach().to(base.scale.dtype)
-            new_zero = None if delta_zero is None else base.zero_point + delta_zero.detach().to(base.zero_point.dtype)
+            new_zero = None if delta_zero is None else base.zero_point.float() + delta_zero.detach().float()
             if safe_merge and not (
                 torch.isfinite(new_scale).all() and (new_zero is None or torch.isfinite(new_zero).all())
             ):
                 raise ValueError(f"NaNs detected in the merged scales. The adapter {name} seems to be broken")
             base.scale.copy_(new_scale)
             if new_zero is not None:
-                base.zero_point.copy_(new_zero)
+                # a trained zero-point is fractional: the uint8 buffer becomes float32 for good
+                base.zero_point = new_zero.float()
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Subtract merged deltas from the base again (exact up to float rounding of the scales)."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         while self.merged_adapters:
@@ -128,7 +129,7 @@ class Linear(nn.Module, PeqaLayer):
             return base(x)
         delta_scale, delta_zero = self._deltas(self.active_adapters)
         scale = base.scale if delta_scale is None else base.scale + delta_scale.to(base.scale.dtype)
-        zero = base.zero_point if delta_zero is None else base.zero_point + delta_zero.to(base.zero_point.dtype)
+        zero = base.zero_point if delta_zero is None else base.zero_point.float() + delta_zero.float()
         return base(x, scale=scale, zero_point=zero)
 
     def __repr__(self) -> str:
