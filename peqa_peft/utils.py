@@ -44,6 +44,3 @@ def quantized_layer_bytes(model: nn.Module) -> dict[str, dict[str, int]]:
         entry["numel"] = module.in_features * module.out_features
         report[name.removesuffix(".base_layer")] = entry
     return report
-
-
-from .memory import model_state_bytes  # noqa: E402,F401  (re-export: peqa_peft.utils.model_state_bytes)
