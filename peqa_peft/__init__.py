@@ -11,17 +11,22 @@ Importing the package registers the new PEFT types, after which ``peft.get_peft_
 from .peft_integration import add_peft_type, patch_peft_model
 
 add_peft_type("PEQA")
+add_peft_type("QFT")
 patch_peft_model()
 
+from .optim import IntLion  # noqa: E402
 from .quant import QuantLinear, compute_qparams, fake_quantize, pack_bits, unpack_bits  # noqa: E402
-from .tuners import PeqaConfig, PeqaModel  # noqa: E402
+from .tuners import PeqaConfig, PeqaModel, QftConfig, QftModel  # noqa: E402
 from .utils import quantized_layer_bytes  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IntLion",
     "PeqaConfig",
     "PeqaModel",
+    "QftConfig",
+    "QftModel",
     "QuantLinear",
     "__version__",
     "compute_qparams",

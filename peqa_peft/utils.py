@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .memory import model_state_bytes
+
+__all__ = ["model_state_bytes", "module_resident_bytes", "quantized_layer_bytes", "tensor_bytes"]
+
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     """Bytes held by ``tensor``'s elements."""
@@ -12,16 +16,9 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def module_resident_bytes(module: nn.Module) -> int:
-    """Bytes of all distinct parameters and buffers of ``module`` (shared storage counted once)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if tensor.device.type == "meta" or key in seen:
-            continue
-        seen.add(key)
-        total += tensor_bytes(tensor)
-    return total
+    """Bytes of all distinct parameters and buffers of ``module`` (shared storage counted once; packed and integer
+    tensor subclasses counted by the tensors that really store them)."""
+    return model_state_bytes(module)["weights"]
 
 
 def quantized_layer_bytes(model: nn.Module) -> dict[str, dict[str, int]]:

@@ -1,0 +1,39 @@
+"""Blockwise int8 storage for optimizer states (the layout of bitsandbytes' 8-bit states, with a cheap codebook).
+
+A state tensor is flattened and cut into blocks of ``block_size`` entries; each block stores one float32 absmax and
+``int8`` codes. Instead of a linear grid the codes use square-root companding, ``x = absmax * sign(c) * (c/127)^2``,
+which (like bitsandbytes' dynamic map) spends more codes near zero, where most momentum entries are: the relative
+error of an entry at 1% of its block's maximum is ~8% instead of ~80% with a linear grid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MAXC = 127
+
+
+def quantize_blockwise(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, absmax)``: int8 codes of shape ``(n_blocks, block_size)`` and float32 ``absmax`` ``(n_blocks,)``."""
+    flat = x.detach().reshape(-1).float()
+    n_blocks = -(-flat.numel() // block_size)
+    padded = torch.zeros(n_blocks * block_size, dtype=torch.float32, device=x.device)
+    padded[: flat.numel()] = flat
+    blocks = padded.view(n_blocks, block_size)
+    absmax = blocks.abs().amax(dim=1).clamp_min_(torch.finfo(torch.float32).tiny)
+    normed = blocks.div_(absmax.unsqueeze(1))
+    codes = torch.round(normed.sign() * normed.abs().sqrt_() * _MAXC).to(torch.int8)
+    return codes, absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The float32 tensor of ``shape`` stored by :func:`quantize_blockwise`."""
+    y = codes.float().div_(_MAXC)
+    y = y.abs().mul_(y).mul_(absmax.unsqueeze(1))  # sign(c) * (c/127)^2 * absmax
+    numel = 1
+    for size in shape:
+        numel *= size
+    return y.reshape(-1)[:numel].reshape(shape)
+
+
+__all__ = ["dequantize_blockwise", "quantize_blockwise"]

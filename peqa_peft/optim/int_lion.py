@@ -1,0 +1,260 @@
+"""IntLion: the Lion optimizer applied to integer (QFT) weights, with int8 momentum.
+
+Design: the optimizer's params *are* the quantized weights
+-----------------------------------------------------------
+A QFT weight is a :class:`~peqa_peft.tuners.qft.tensor.QftWeight`, a wrapper tensor subclass (as in torchao's int8
+quantized training) that looks like a float ``(out, in)`` tensor but stores only uint8 codes, per-channel scales
+and a few float outliers. It is a real ``nn.Parameter``, so the things Trainer does with parameters work unchanged:
+``model.parameters()`` hands it to this optimizer, ``print_trainable_parameters`` counts ``out * in``, autograd
+gives it a ``.grad`` (float, or an ``Int8Grad`` subclass when the config keeps gradients in int8),
+``clip_grad_norm_`` computes the real norm of those gradients and scales them in place, and gradient accumulation
+adds into them. We chose this over dummy float placeholders (one per layer, with the integers kept aside and the
+gradient routed to the placeholder) because placeholders either cost a float tensor per weight -- defeating the
+memory goal -- or have the wrong shape, making Trainer's grad norm, clipping and parameter counts wrong.
+
+The update
+----------
+For every param with a gradient ``g`` (float32 math, one tensor at a time)::
+
+    c = beta1 * m + (1 - beta1) * g ;  d = sign(c) ;  m <- beta2 * m + (1 - beta2) * g
+
+- float params: ``p <- p * (1 - lr * wd) - lr * d`` (plain Lion with decoupled weight decay);
+- QFT weights: the same update in units of each row's quantization step ``s``: the codes move by
+  ``-(lr / s) * d - lr * wd * (q - z)`` steps, stochastically rounded to whole steps (unbiased, so a learning rate
+  below one step still moves the weight by ``lr`` on average) and clamped to ``[0, 255]``; outliers take the float
+  update. Every ``outlier_refresh_steps`` steps of a weight its outlier set is re-selected.
+
+The rounding noise of weight ``i`` at step ``t`` comes from a generator seeded by ``(seed, i, t)``, so it is
+reproducible and a resumed run draws the same numbers as an uninterrupted one without saving generator state.
+The momentum ``m`` is stored as int8 in blocks of ``block_size`` with one float32 absmax each
+(``quantize_momentum=True``) or in float32. The state is tensors and ints only, so ``torch.save`` /
+``torch.load(weights_only=True)`` (Trainer's ``optimizer.pt``) round-trip it exactly.
+
+Fused mode
+----------
+``fused=True`` applies each param's update in a post-accumulate-grad hook as soon as backward has produced its
+gradient and then frees the gradient, so at most one gradient is resident. The update then happens before the
+global gradient norm is known and on every backward: use it without gradient clipping and without gradient
+accumulation (``step()`` becomes a no-op for params the hooks already updated).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ..quant.stochastic import counter_generator
+from ..tuners.qft.tensor import Int8Grad, QftWeight
+from .blockwise import dequantize_blockwise, quantize_blockwise
+
+ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
+
+
+def _check_hparams(lr: float, betas: tuple[float, float], weight_decay: float, block_size: int, seed: int) -> None:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"`lr` must be a positive finite number, got {lr!r}")
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b <= 1.0 for b in betas):
+        raise ValueError(f"`betas` must be two numbers in [0, 1], got {betas!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"`weight_decay` must be a number >= 0, got {weight_decay!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"`block_size` must be a positive int, got {block_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"`seed` must be an int, got {seed!r}")
+
+
+def _float_grad(grad: torch.Tensor) -> torch.Tensor:
+    if grad.is_sparse:
+        raise RuntimeError("IntLion does not support sparse gradients")
+    return grad.dequantize(torch.float32) if isinstance(grad, Int8Grad) else grad.float()
+
+
+class IntLion(torch.optim.Optimizer):
+    """Lion for integer QFT weights and float params, with int8 blockwise momentum (see the module docstring).
+
+    Args:
+        params: parameters or param groups (``QftWeight`` params and/or ordinary float params).
+        lr: Lion learning rate (absolute weight change per step; mapped to quantization steps for QFT weights).
+        betas: ``(beta1, beta2)``: interpolation for the update direction and momentum decay.
+        weight_decay: decoupled weight decay (``W <- W * (1 - lr * wd)``).
+        quantize_momentum: store momentum as int8 blocks (``True``) or float32 (exact Lion, for testing).
+        block_size: entries per momentum block (one float32 absmax each).
+        seed: seed of the stochastic rounding; together with the step count it fixes all randomness.
+        fused: update in post-accumulate-grad hooks during backward (no global clipping / accumulation).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        quantize_momentum: bool = True,
+        block_size: int = 256,
+        seed: int = 0,
+        fused: bool = False,
+    ) -> None:
+        _check_hparams(lr, tuple(betas), weight_decay, block_size, seed)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            weight_decay=weight_decay,
+            quantize_momentum=bool(quantize_momentum),
+            block_size=block_size,
+            seed=seed,
+        )
+        super().__init__(params, defaults)
+        self.fused = fused
+        self._hooks: list = []
+        if fused:
+            self._register_fused_hooks()
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        **kwargs: Any,
+    ) -> IntLion:
+        """An optimizer over ``model``'s trainable params; weight decay only on matrices (not biases or norms)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return cls([g for g in groups if g["params"]], lr=lr, betas=betas, weight_decay=weight_decay, **kwargs)
+
+    @classmethod
+    def trainer_factory(
+        cls,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        **kwargs: Any,
+    ) -> tuple[Callable, dict[str, Any]]:
+        """``(factory, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)`` / TRL ``SFTTrainer``.
+
+        Trainer calls ``factory()(model, **kwargs)`` for non-class factories; ours builds the optimizer with
+        :meth:`from_model`, so these ``lr``/``betas``/``weight_decay`` are the ones used (Trainer's own
+        ``args.weight_decay`` does not override them). Extra kwargs (``quantize_momentum``, ``seed``, ...) pass on.
+        """
+        _check_hparams(lr, tuple(betas), weight_decay, kwargs.get("block_size", 256), kwargs.get("seed", 0))
+        if kwargs.get("fused"):
+            raise ValueError("fused=True updates during backward; Trainer's clipping/accumulation need fused=False")
+        return functools.partial(_TrainerFactory, cls), dict(
+            lr=lr, betas=tuple(betas), weight_decay=weight_decay, **kwargs
+        )
+
+    def _positions(self) -> dict[int, tuple[int, int]]:
+        """``id(param) -> (group index, global param index)``; the global index names the param's random stream."""
+        positions, index = {}, 0
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                positions[id(p)] = (gi, index)
+                index += 1
+        return positions
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """One Lion update of every param that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        positions = self._positions()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group, positions[id(p)][1])
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict[str, Any], stream: int) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+        grad = _float_grad(p.grad)
+        beta1, beta2 = group["betas"]
+        momentum = self._load_momentum(state, p)
+        direction = momentum.mul(beta1).add_(grad, alpha=1.0 - beta1).sign_()
+        momentum.mul_(beta2).add_(grad, alpha=1.0 - beta2)
+        self._store_momentum(state, momentum, group)
+        del momentum, grad
+        state["step"] += 1
+        lr, wd = group["lr"], group["weight_decay"]
+        if isinstance(p, QftWeight):
+            generator = counter_generator(group["seed"], stream, state["step"], p.device)
+            p.lion_update_(direction, lr, wd, generator)
+            if p.refresh_every and state["step"] % p.refresh_every == 0:
+                p.reselect_outliers_()
+        else:
+            p.mul_(1.0 - lr * wd).add_(direction.to(p.dtype), alpha=-lr)
+
+    @staticmethod
+    def _load_momentum(state: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
+        if "momentum" not in state:
+            return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        if "momentum_absmax" in state:
+            return dequantize_blockwise(state["momentum"], state["momentum_absmax"], p.shape)
+        return state["momentum"].clone()
+
+    @staticmethod
+    def _store_momentum(state: dict[str, Any], momentum: torch.Tensor, group: dict[str, Any]) -> None:
+        if group["quantize_momentum"]:
+            state["momentum"], state["momentum_absmax"] = quantize_blockwise(momentum, group["block_size"])
+        else:
+            state.pop("momentum_absmax", None)
+            state["momentum"] = momentum
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a saved state exactly: unlike ``Optimizer``'s default, float states keep their own dtype.
+
+        (``torch.optim.Optimizer`` casts floating state tensors to the param dtype, which would round the float32
+        momentum block scales of a bf16 model and break bit-identical resume.)
+        """
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in saved_state.get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+    def _register_fused_hooks(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._fused_hook))
+
+    def _fused_hook(self, p: torch.Tensor) -> None:
+        group_index, stream = self._positions()[id(p)]
+        with torch.no_grad():
+            self._update(p, self.param_groups[group_index], stream)
+        p.grad = None  # the point of fused mode: this gradient is not kept until a global step()
+
+    def remove_fused_hooks(self) -> None:
+        """Stop fused updates (e.g. before switching to a Trainer-driven loop)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+
+class _TrainerFactory:
+    """Trainer's optimizer-factory protocol: ``Trainer`` calls ``factory()(model, **kwargs)``."""
+
+    def __init__(self, optimizer_cls: type[IntLion] = IntLion) -> None:
+        self.optimizer_cls = optimizer_cls
+
+    def __call__(self, model: nn.Module, **kwargs: Any) -> IntLion:
+        return self.optimizer_cls.from_model(model, **kwargs)
+
+
+__all__ = ["IntLion"]

@@ -1,0 +1,11 @@
+"""QFT: Quantized Full-parameter Tuning (integer weights trained in place by an integer Lion optimizer)."""
+
+from ...peft_integration import register_method
+from .config import QftConfig
+from .layer import Linear, QftLayer
+from .model import QftModel
+from .tensor import Int8Grad, QftWeight, qft_linear
+
+register_method("qft", QftConfig, QftModel)
+
+__all__ = ["Int8Grad", "Linear", "QftConfig", "QftLayer", "QftModel", "QftWeight", "qft_linear"]

@@ -1,0 +1,80 @@
+"""Configuration of QFT (quantized full-parameter tuning)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+
+@dataclass
+class QftConfig(PeftConfig):
+    """Configuration of a [`QftModel`]: which linear layers become trainable integer weights, and how.
+
+    QFT (Li et al., 2023, "QFT: Quantized Full-parameter Tuning of LLMs with Affordable Resources") stores every
+    targeted weight as int8 codes with per-output-channel scales plus a sparse set of float outliers (the *hybrid
+    feature quantizer*), trains those integers directly with an integer Lion optimizer
+    (:class:`peqa_peft.optim.IntLion`) and keeps no floating point master copy.
+
+    Args:
+        outlier_fraction: fraction of each weight's entries (the largest in magnitude) kept in float32 outside the
+            int8 grid, in ``[0, 0.5)``; ``0`` disables outliers. Default 1%.
+        outlier_refresh_steps: re-select the outlier set every this many optimizer steps (counted per weight by
+            ``IntLion``); ``0`` keeps the initial set.
+        int8_gradients: hold each weight gradient as int8 with per-row scales (the paper's setting, needed for the
+            ~21% model-state memory) instead of in the activation dtype.
+        init_method: how the int8 grid is chosen: ``"minmax"`` (full range of the non-outlier entries) or ``"mse"``
+            (clipping search of :func:`peqa_peft.quant.compute_qparams`).
+        target_modules: module names / regex / ``"all-linear"`` (the default when ``None``: every linear layer but
+            the output head). ``nn.Linear`` and transformers' ``Conv1D`` are supported.
+        exclude_modules: names / regex of modules to leave untouched.
+        layers_to_transform / layers_pattern: restrict to some layer indices, as in LoRA.
+        modules_to_save: non-targeted modules (e.g. ``lm_head``, norms) trained in their own float dtype and saved
+            with the checkpoint; everything else that is not targeted is frozen.
+    """
+
+    outlier_fraction: float = field(default=0.01, metadata={"help": "Fraction of entries kept as float outliers."})
+    outlier_refresh_steps: int = field(
+        default=100, metadata={"help": "Re-select outliers every N optimizer steps (0: never)."}
+    )
+    int8_gradients: bool = field(default=True, metadata={"help": "Hold weight gradients as int8 (per-row scales)."})
+    init_method: Literal["minmax", "mse"] = field(
+        default="minmax", metadata={"help": "'minmax' or 'mse' choice of the per-channel int8 grid."}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules to train as integers: names, a regex, or 'all-linear' (default)."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names or a regex of modules to leave untouched."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only transform layers with these indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list the indices refer to (e.g. 'layers')."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Non-targeted modules trained in float and saved with the checkpoint."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.QFT
+        frac = self.outlier_fraction
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac < 0.5:
+            raise ValueError(f"`outlier_fraction` must be a number in [0, 0.5), got {frac!r}")
+        steps = self.outlier_refresh_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"`outlier_refresh_steps` must be an int >= 0 (0: never), got {steps!r}")
+        if self.init_method not in ("minmax", "mse"):
+            raise ValueError(f"`init_method` must be 'minmax' or 'mse', got {self.init_method!r}")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("`layers_pattern` is only used together with `layers_to_transform`.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (regex).")

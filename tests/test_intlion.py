@@ -1,0 +1,187 @@
+"""IntLion: float-Lion reference, integer invariants, exact resume, clipping, fused mode and Trainer factory."""
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import tiny_llama
+from lion_pytorch import Lion
+from peft import get_peft_model
+from torch import nn
+
+import peqa_peft  # noqa: F401
+from peqa_peft import IntLion, QftConfig
+from peqa_peft.optim import dequantize_blockwise, quantize_blockwise
+from peqa_peft.tuners.qft import QftWeight
+
+
+def _float_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+
+
+def _train(model, optimizer, steps: int, seed: int = 1, clip: float = 0.0) -> list[float]:
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(8, 16, generator=gen)
+        loss = model(x).square().mean()
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize(
+    "bad", [{"lr": 0.0}, {"lr": -1e-3}, {"betas": (0.9, 1.5)}, {"weight_decay": -0.1}, {"block_size": 0}]
+)
+def test_bad_hyperparameters(bad):
+    with pytest.raises(ValueError):
+        IntLion(_float_model().parameters(), **bad)
+
+
+def test_matches_float_lion_without_momentum_quantization():
+    ours, ref = _float_model(), _float_model()
+    opt = IntLion(ours.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, quantize_momentum=False)
+    ref_opt = Lion(ref.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    assert _train(ours, opt, 20) == pytest.approx(_train(ref, ref_opt, 20), rel=1e-6)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_int8_momentum_stays_close_to_float_lion():
+    ours, ref = _float_model(), _float_model()
+    opt = IntLion(ours.parameters(), lr=1e-3, quantize_momentum=True)
+    _train(ours, opt, 20)
+    _train(ref, Lion(ref.parameters(), lr=1e-3), 20)
+    moved = sum((q - p0).abs().sum() for q, p0 in zip(ref.parameters(), _float_model().parameters()))
+    diff = sum((p - q).abs().sum() for p, q in zip(ours.parameters(), ref.parameters()))
+    assert diff < 0.1 * moved  # sign updates agree on the vast majority of entries
+    state = opt.state[next(iter(ours.parameters()))]
+    assert state["momentum"].dtype == torch.int8 and state["momentum_absmax"].dtype == torch.float32
+
+
+def test_blockwise_momentum_roundtrip():
+    x = torch.randn(1000) * torch.logspace(-3, 0, 1000)
+    codes, absmax = quantize_blockwise(x, 256)
+    assert codes.dtype == torch.int8 and codes.shape == (4, 256) and absmax.shape == (4,)
+    back = dequantize_blockwise(codes, absmax, x.shape)
+    blockmax = absmax.repeat_interleave(256)[:1000]
+    assert ((back - x).abs() <= 2 * (x.abs() * blockmax).sqrt() / 127 + 1e-7).all()
+
+
+def _qft(seed: int = 0, **config):
+    model = get_peft_model(tiny_llama(seed), QftConfig(target_modules="all-linear", **config))
+    return model
+
+
+def _qft_steps(model, optimizer, steps: int, clip: float = 0.0, seed: int = 3) -> list[float]:
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        ids = torch.randint(0, 128, (2, 12), generator=gen)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _weights(model) -> list[QftWeight]:
+    return [p for p in model.parameters() if isinstance(p, QftWeight)]
+
+
+def test_integer_weights_stay_integer_and_in_range():
+    model = _qft(outlier_refresh_steps=2)
+    before = [w.dequantize().clone() for w in _weights(model)]
+    optimizer = IntLion(model.parameters(), lr=5e-3, weight_decay=0.1)
+    _qft_steps(model, optimizer, 4)
+    changed = 0
+    for w, w0 in zip(_weights(model), before):
+        assert w.codes.dtype == torch.uint8 and w.codes.min() >= 0 and w.codes.max() <= 255
+        # outlier positions hold the zero-point code (they live in float only)
+        zero_codes = w.zero_point.expand_as(w.codes).reshape(-1)[w.outlier_idx.long()]
+        assert torch.equal(w.codes.reshape(-1)[w.outlier_idx.long()].float(), zero_codes)
+        # every dense entry is still exactly on its row's int8 grid
+        dense = w.dequantize().reshape(-1).clone()
+        dense[w.outlier_idx.long()] = 0
+        steps = dense.view_as(w) / w.scale + w.zero_point
+        assert torch.allclose(steps, steps.round(), atol=1e-3)
+        changed += int((w.dequantize() != w0).sum())
+    assert changed > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_lr_below_one_step_moves_weights_by_lr_on_average():
+    torch.manual_seed(0)
+    w = nn.Parameter(QftWeight.from_float(torch.randn(64, 256), outlier_fraction=0.0))
+    step = w.scale.mean().item()
+    optimizer = IntLion([w], lr=0.25 * step)
+    before = w.dequantize().clone()
+    w.grad = torch.ones(64, 256)  # sign = +1 everywhere: every entry should move by -lr
+    optimizer.step()
+    moved = (before - w.dequantize()).mean().item()
+    assert moved == pytest.approx(0.25 * step, rel=0.1)
+
+
+def test_resume_from_state_dict_is_bit_identical():
+    model = _qft(outlier_refresh_steps=2)
+    optimizer = IntLion(model.parameters(), lr=2e-3, seed=7)
+    _qft_steps(model, optimizer, 3)
+    saved_model = copy.deepcopy({k: v.clone() for k, v in model.state_dict().items()})
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    expected = _qft_steps(model, optimizer, 3, seed=9)
+    expected_codes = [w.codes.clone() for w in _weights(model)]
+
+    fresh = _qft(seed=1, outlier_refresh_steps=2)  # different init, overwritten by the checkpoint
+    fresh.load_state_dict(saved_model)
+    fresh_opt = IntLion(fresh.parameters(), lr=2e-3, seed=0)
+    buffer.seek(0)
+    fresh_opt.load_state_dict(torch.load(buffer, weights_only=True))
+    assert _qft_steps(fresh, fresh_opt, 3, seed=9) == expected
+    assert all(torch.equal(a.codes, b) for a, b in zip(_weights(fresh), expected_codes))
+
+
+def test_clipping_changes_the_update_when_the_norm_exceeds_the_limit():
+    def run(clip):
+        model = _qft()
+        optimizer = IntLion(model.parameters(), lr=2e-3)
+        _qft_steps(model, optimizer, 1)  # build up momentum: Lion's first step is sign(g), scale-invariant
+        _qft_steps(model, optimizer, 1, clip=clip, seed=5)
+        return [w.codes.clone() for w in _weights(model)]
+
+    unclipped, huge_limit, clipped = run(0.0), run(1e9), run(1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(unclipped, huge_limit))
+    assert any(not torch.equal(a, b) for a, b in zip(unclipped, clipped))
+
+
+def test_fused_mode_matches_standard_and_holds_no_gradients():
+    standard, fused = _qft(), _qft()
+    _qft_steps(standard, IntLion(standard.parameters(), lr=2e-3), 3)
+    fused_opt = IntLion(fused.parameters(), lr=2e-3, fused=True)
+    _qft_steps(fused, fused_opt, 3)
+    assert all(torch.equal(a.codes, b.codes) for a, b in zip(_weights(standard), _weights(fused)))
+    assert all(p.grad is None for p in fused.parameters())
+
+
+def test_trainer_factory_protocol():
+    from transformers.trainer_optimizer import is_optimizer_factory
+
+    factory, kwargs = IntLion.trainer_factory(lr=3e-4, betas=(0.9, 0.98), weight_decay=0.1, seed=3)
+    assert is_optimizer_factory(factory)
+    model = _qft(modules_to_save=["lm_head"])
+    optimizer = factory()(model, **kwargs)
+    assert isinstance(optimizer, IntLion)
+    groups = {g["weight_decay"]: g for g in optimizer.param_groups}
+    assert all(p.dim() >= 2 for p in groups[0.1]["params"]) and groups[0.1]["seed"] == 3
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError):
+        IntLion.trainer_factory(lr=-1.0)
