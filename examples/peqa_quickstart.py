@@ -1,4 +1,6 @@
-"""PEQA quickstart: quantize a pretrained Llama to 4 bits, fine-tune only the scales on Alpaca, evaluate, save, reload.
+"""PEQA quickstart with a plain PyTorch loop: quantize to 4 bits, tune only the scales on Alpaca, evaluate, reload.
+
+(`sft_alpaca_peqa.py` does the same with TRL's SFTTrainer; this one shows that any torch optimizer works.)
 
 Runs offline on the bundled model (`assets/demo-llama`, 6.8M parameters) and data in a few minutes on 2 CPU cores:
 
@@ -23,13 +25,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peqa_peft  # noqa: F401  (registers PEQA with PEFT)
 from peqa_peft import PeqaConfig
+from peqa_peft.data import format_alpaca
 from peqa_peft.evaluate import load_eval_text, perplexity
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPT = (
-    "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the request."
-    "\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
-)
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,13 +60,9 @@ def alpaca_batches(path: str, tokenizer, batch_size: int, seq_len: int, seed: in
 def collate(rows, tokenizer, seq_len):
     ids, labels = [], []
     for row in rows:
-        prompt = PROMPT.format(
-            ctx=", paired with an input that provides further context" if row["input"] else "",
-            instruction=row["instruction"],
-            input=f"### Input:\n{row['input']}\n\n" if row["input"] else "",
-        )
-        p_ids = tokenizer(prompt).input_ids
-        r_ids = tokenizer(row["output"] + tokenizer.eos_token, add_special_tokens=False).input_ids
+        example = format_alpaca(row)
+        p_ids = tokenizer(example["prompt"]).input_ids
+        r_ids = tokenizer(example["completion"] + tokenizer.eos_token, add_special_tokens=False).input_ids
         seq = (p_ids + r_ids)[:seq_len]
         ids.append(seq)
         labels.append(([-100] * len(p_ids) + r_ids)[:seq_len])

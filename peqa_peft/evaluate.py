@@ -111,3 +111,103 @@ def perplexity(
     model.train(was_training)
     count = windows * (seq_len - 1)
     return PerplexityResult(math.exp(total_nll / count), total_nll / count, count, windows, seq_len)
+
+
+def load_for_eval(
+    model_name: str,
+    adapter: Optional[str] = None,
+    bits: Optional[int] = None,
+    group_size: Optional[int] = None,
+    quant_method: str = "minmax",
+    dtype: torch.dtype = torch.float32,
+):
+    """A model to evaluate: the base, the base quantized to ``bits`` (RTN by default), or base + ``adapter``.
+
+    Returns ``(model, tokenizer)``. A PEQA adapter re-quantizes the base exactly as it was trained (its fingerprint
+    is checked); ``bits`` alone evaluates the plain quantized base (a fresh, identity PEQA adapter).
+    """
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import peqa_peft  # noqa: F401  (registers the PEFT types)
+
+    from .data import looks_like_local_path
+
+    for path, what in ((model_name, "model"), (adapter, "adapter")):
+        if path and looks_like_local_path(path) and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"{what} directory {path} does not exist")
+    if adapter and bits:
+        raise ValueError("pass either --adapter (its config fixes the quantization) or --bits, not both")
+    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
+    if adapter:
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except RuntimeError as err:  # shape mismatches from load_state_dict
+            raise ValueError(f"adapter {adapter} does not fit model {model_name}: {err}") from err
+    elif bits:
+        config = peqa_peft.PeqaConfig(bits=bits, group_size=group_size, init_method=quant_method)
+        model = get_peft_model(model, config)
+    return model.eval(), tokenizer
+
+
+def mmlu_accuracy(
+    model,
+    tokenizer,
+    num_fewshot: int = 5,
+    data_dir: Optional[str] = None,
+    limit: Optional[int] = None,
+    batch_size: int = 8,
+    tasks: tuple[str, ...] = ("mmlu",),
+) -> dict:
+    """5-shot MMLU accuracy of a (PEFT) model object through the lm-eval harness (``pip install lm-eval``).
+
+    ``data_dir`` points at a local copy of the ``cais/mmlu`` dataset repository (the Hub layout, with its README's
+    configs); it replaces the Hub id in every task, so the evaluation runs offline. ``limit`` caps the questions per
+    subject (for quick checks). Returns ``{"accuracy": ..., "per_task": {...}}``.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise ImportError("MMLU evaluation needs the lm-eval harness: pip install 'peqa-peft[eval]'") from err
+    task_manager = TaskManager()
+    task_dict = lm_eval.tasks.get_task_dict(list(tasks), task_manager) if data_dir is None else None
+    if data_dir is not None:
+        task_dict = _local_task_dict(list(tasks), task_manager, data_dir)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results = lm_eval.evaluate(lm=lm, task_dict=_with_fewshot(task_dict, num_fewshot), limit=limit)
+    per_task = {name: metrics["acc,none"] for name, metrics in results["results"].items() if "acc,none" in metrics}
+    top = tasks[0] if len(tasks) == 1 else None
+    accuracy = per_task.get(top) if top in per_task else sum(per_task.values()) / max(1, len(per_task))
+    return {"accuracy": accuracy, "per_task": per_task, "num_fewshot": num_fewshot}
+
+
+def _local_task_dict(tasks: list[str], task_manager, data_dir: str) -> dict:
+    """Load the lm-eval task configs with their dataset path pointed at a local directory."""
+    import lm_eval
+
+    if not Path(data_dir).exists():
+        raise FileNotFoundError(f"MMLU directory {data_dir} does not exist")
+    original = lm_eval.api.task.ConfigurableTask.download
+
+    def download(self, dataset_kwargs=None):
+        self.config.dataset_path = str(data_dir)
+        self.DATASET_PATH = str(data_dir)
+        return original(self, dataset_kwargs)
+
+    lm_eval.api.task.ConfigurableTask.download = download
+    try:
+        return lm_eval.tasks.get_task_dict(tasks, task_manager)
+    finally:
+        lm_eval.api.task.ConfigurableTask.download = original
+
+
+def _with_fewshot(task_dict: dict, num_fewshot: int) -> dict:
+    for value in task_dict.values():
+        if isinstance(value, dict):
+            _with_fewshot(value, num_fewshot)
+        elif hasattr(value, "set_config"):
+            value.set_config(key="num_fewshot", value=num_fewshot)
+    return task_dict

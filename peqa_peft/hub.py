@@ -4,17 +4,40 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 from typing import Optional
 
 from huggingface_hub import HfApi, ModelCard
 
-_SECTION_HEADING = "## Quantization-aware adapter (peqa_peft)"
+METHOD_HEADING = "## Quantization-aware adapter (peqa_peft)"
+TRAINING_HEADING = "## Training and evaluation (peqa_peft)"
+# What a pushed training run consists of: the adapter, its card and the run summary (not optimizer checkpoints).
+UPLOAD_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "README.md", "train_summary.json"]
+
+
+def _set_section(output_dir: str, heading: str, lines: list[str], tags=(), base_model: Optional[str] = None) -> None:
+    """Write (or replace) the section ``heading`` of ``output_dir/README.md``, keeping everything else."""
+    path = os.path.join(output_dir, "README.md")
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard("")
+    text = card.text
+    if heading in text:
+        before, _, after = text.partition(heading)
+        rest = after.split("\n## ", 1)
+        text = before.rstrip() + ("\n\n## " + rest[1] if len(rest) > 1 else "")
+    card.text = text.rstrip() + "\n\n" + "\n".join([heading, "", *lines]) + "\n"
+    card.data.tags = sorted(set(card.data.tags or []) | set(tags))
+    if base_model:
+        card.data.base_model = base_model
+    card.save(path)
+
+
+def _method_name(config) -> str:
+    return str(getattr(config.peft_type, "value", config.peft_type))
 
 
 def _describe(config) -> list[str]:
-    method = str(getattr(config.peft_type, "value", config.peft_type))
-    lines = [f"- method: {method}"]
-    for attr in ("bits", "group_size", "init_method", "train_zero_point"):
+    lines = [f"- method: {_method_name(config)}"]
+    for attr in ("bits", "group_size", "init_method", "train_zero_point", "outlier_fraction", "int8_gradients"):
         if hasattr(config, attr):
             value = getattr(config, attr)
             if attr == "group_size" and value is None:
@@ -25,24 +48,52 @@ def _describe(config) -> list[str]:
 
 
 def add_method_section(output_dir: str, configs: list, model=None) -> None:
-    """Add (or refresh) a section in ``output_dir/README.md`` naming method, bits, group size and base model."""
-    path = os.path.join(output_dir, "README.md")
-    card = ModelCard.load(path) if os.path.exists(path) else ModelCard("")
-    text = card.text.split(_SECTION_HEADING)[0].rstrip()
-    body = [_SECTION_HEADING, ""]
+    """Add (or refresh) a card section naming method, bits, group size and base model of each adapter."""
+    lines = []
     for config in configs:
-        body += _describe(config) + [""]
-    body.append(
+        lines += _describe(config) + [""]
+    lines.append(
         "Load with `import peqa_peft` (registers the method with PEFT) followed by "
         "`PeftModel.from_pretrained(base_model, <this repo>)`."
     )
-    card.text = text + "\n\n" + "\n".join(body) + "\n"
-    tags = set(card.data.tags or [])
-    tags.update({"peqa_peft"} | {str(getattr(c.peft_type, "value", c.peft_type)).lower() for c in configs})
-    card.data.tags = sorted(tags)
-    if configs and configs[0].base_model_name_or_path:
-        card.data.base_model = configs[0].base_model_name_or_path
-    card.save(path)
+    tags = {"peqa_peft"} | {_method_name(c).lower() for c in configs}
+    _set_section(output_dir, METHOD_HEADING, lines, tags, configs[0].base_model_name_or_path if configs else None)
+
+
+def add_training_section(output_dir: str, summary: dict) -> None:
+    """Record how an adapter was trained and evaluated (from ``peqa_peft.train``'s run summary) in its card."""
+    cfg = summary.get("config", {})
+    lines = [
+        f"- base model: {summary['model']}",
+        f"- method: {summary['method']}"
+        + (
+            f" ({cfg.get('bits')}-bit, group size {cfg.get('group_size') or 'per channel'})"
+            if summary["method"] == "peqa"
+            else ""
+        ),
+        f"- dataset: {summary['dataset']}",
+        f"- steps: {summary['steps']}, learning rate {cfg.get('learning_rate')}, batch {cfg.get('batch_size')} x "
+        f"{cfg.get('grad_accum')} accumulation, sequence length {cfg.get('seq_len')}, seed {cfg.get('seed')}",
+        f"- final training loss: {summary['train_loss']:.4f}",
+        f"- trainable parameters: {summary['trainable_params']:,}",
+    ]
+    for name, res in summary.get("eval", {}).items():
+        lines.append(
+            f"- {name} perplexity: {res['perplexity']:.3f} ({res['tokens']} tokens, {res['seq_len']}-token "
+            "non-overlapping windows)"
+        )
+    _set_section(output_dir, TRAINING_HEADING, lines, {"peqa_peft", summary["method"]})
+
+
+def push_folder_to_hub(folder: str, repo_id: str, private: Optional[bool] = None, token: Optional[str] = None):
+    """Upload the adapter files, card and run summary of ``folder`` (not checkpoints) to ``repo_id``."""
+    if not (Path(folder) / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{folder} holds no adapter_config.json; nothing to push")
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=folder, allow_patterns=UPLOAD_PATTERNS, commit_message="Upload adapter"
+    )
 
 
 def push_adapter_to_hub(

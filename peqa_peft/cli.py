@@ -1,0 +1,157 @@
+"""The ``peqa-peft`` command line (also ``python -m peqa_peft``): ``train`` and ``eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from .train import DEFAULT_LR, METHODS
+
+
+def _int_or_none(value: str) -> Optional[int]:
+    return None if value.lower() in ("none", "channel", "0") else int(value)
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune on Alpaca with SFTTrainer (peqa, qft, lora, qlora)")
+    p.add_argument("--model", required=True, help="Hub id or local path of a causal LM")
+    p.add_argument("--method", choices=METHODS, default="peqa")
+    p.add_argument("--output-dir", required=True, help="where the adapter, card and summary are written")
+    p.add_argument("--dataset", default=None, help="Hub id (tatsu-lab/alpaca) or local JSON/JSONL; default bundled")
+    p.add_argument("--max-samples", type=int, default=None, help="use a seeded random subset of the dataset")
+    p.add_argument("--bits", type=int, default=4, help="PEQA weight bits (2..8)")
+    p.add_argument("--group-size", type=_int_or_none, default=None, help="PEQA group size (default per channel)")
+    p.add_argument("--target-modules", default="all-linear", help="'all-linear' or comma-separated module names")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (default: --epochs)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (defaults: {DEFAULT_LR})")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512, help="maximum tokens per example")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--bf16", action="store_true", help="train in bfloat16 mixed precision")
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only the final adapter)")
+    p.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint directory, or 'last'")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the adapter and card to this repo")
+    p.add_argument("--eval", dest="eval_datasets", default="", help="after training: comma list of wikitext2,ptb")
+    p.add_argument("--eval-max-tokens", type=int, default=None)
+    p.add_argument("--data-dir", dest="eval_data_dir", default=None, help="local copies of the evaluation sets")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_train)
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity (WikiText-2, PTB, a text file) and 5-shot MMLU")
+    p.add_argument("--model", required=True, help="Hub id or local path of the base model")
+    p.add_argument("--adapter", default=None, help="adapter directory or Hub id (PEQA, QFT, LoRA)")
+    p.add_argument("--bits", type=int, default=None, help="evaluate the base quantized to this many bits")
+    p.add_argument("--group-size", type=_int_or_none, default=None)
+    p.add_argument("--quant-method", choices=("minmax", "mse"), default="minmax", help="minmax = RTN")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--text-file", default=None, help="score this UTF-8 text file")
+    source.add_argument("--dataset", choices=("wikitext2", "ptb"), default=None)
+    p.add_argument("--data-dir", default=None, help="directory with local copies of the evaluation sets")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: model context, max 2048)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--mmlu", action="store_true", help="also run 5-shot MMLU through lm-eval")
+    p.add_argument("--mmlu-dir", default=None, help="local copy of the cais/mmlu dataset repository")
+    p.add_argument("--mmlu-limit", type=int, default=None, help="questions per subject (quick checks)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_eval)
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    from .train import TrainConfig, format_summary, train
+
+    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    cfg = TrainConfig(
+        model=args.model,
+        method=args.method,
+        output_dir=args.output_dir,
+        dataset=args.dataset,
+        max_samples=args.max_samples,
+        bits=args.bits,
+        group_size=args.group_size,
+        target_modules=targets,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        max_steps=args.max_steps,
+        num_epochs=args.epochs,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        bf16=args.bf16,
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        resume_from_checkpoint=args.resume_from_checkpoint,
+        push_to_hub=args.push_to_hub,
+        eval_datasets=[d for d in args.eval_datasets.split(",") if d],
+        eval_max_tokens=args.eval_max_tokens,
+        eval_data_dir=args.eval_data_dir,
+        progress=not args.no_progress,
+    )
+    summary = train(cfg)
+    print(format_summary(summary))
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, default=str))
+    return summary
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
+    from .evaluate import load_eval_text, load_for_eval, mmlu_accuracy, perplexity
+
+    if not (args.text_file or args.dataset or args.mmlu):
+        raise SystemExit("peqa-peft eval: give --text-file, --dataset or --mmlu")
+    if args.text_file and not Path(args.text_file).exists():
+        raise FileNotFoundError(f"text file {args.text_file} does not exist")
+    model, tokenizer = load_for_eval(args.model, args.adapter, args.bits, args.group_size, args.quant_method)
+    result = {"model": args.model, "adapter": args.adapter, "bits": args.bits, "group_size": args.group_size}
+    if args.text_file or args.dataset:
+        if args.text_file:
+            text = Path(args.text_file).read_text(encoding="utf-8")
+        else:
+            text = load_eval_text(args.dataset, args.data_dir)
+        ppl = perplexity(
+            model,
+            tokenizer,
+            text,
+            seq_len=args.seq_len,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+        result.update(source=args.text_file or args.dataset, **ppl.to_dict())
+        print(f"perplexity {ppl.perplexity:.4f} on {ppl.tokens} tokens ({ppl.windows} x {ppl.seq_len}-token windows)")
+    if args.mmlu:
+        mmlu = mmlu_accuracy(
+            model, tokenizer, data_dir=args.mmlu_dir, limit=args.mmlu_limit, batch_size=args.batch_size
+        )
+        result["mmlu"] = mmlu
+        print(f"MMLU {mmlu['num_fewshot']}-shot accuracy {mmlu['accuracy']:.4f}")
+    if args.json:
+        print(json.dumps(result, default=str))
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="peqa-peft", description="Quantization-aware fine-tuning with PEFT")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_eval_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"peqa-peft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
