@@ -62,6 +62,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--mmlu", action="store_true", help="also run 5-shot MMLU through lm-eval")
     p.add_argument("--mmlu-dir", default=None, help="local copy of the cais/mmlu dataset repository")
     p.add_argument("--mmlu-limit", type=int, default=None, help="questions per subject (quick checks)")
+    p.add_argument("--mmlu-tasks", default="mmlu", help="lm-eval task names, comma-separated (default: mmlu)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_eval)
@@ -134,7 +135,12 @@ def run_eval(args: argparse.Namespace) -> dict:
         print(f"perplexity {ppl.perplexity:.4f} on {ppl.tokens} tokens ({ppl.windows} x {ppl.seq_len}-token windows)")
     if args.mmlu:
         mmlu = mmlu_accuracy(
-            model, tokenizer, data_dir=args.mmlu_dir, limit=args.mmlu_limit, batch_size=args.batch_size
+            model,
+            tokenizer,
+            data_dir=args.mmlu_dir,
+            limit=args.mmlu_limit,
+            batch_size=args.batch_size,
+            tasks=tuple(args.mmlu_tasks.split(",")),
         )
         result["mmlu"] = mmlu
         print(f"MMLU {mmlu['num_fewshot']}-shot accuracy {mmlu['accuracy']:.4f}")
