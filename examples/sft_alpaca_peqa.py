@@ -76,6 +76,9 @@ def main() -> None:
             save_strategy="no",
             report_to=[],
             seed=args.seed,
+            # TRL defaults to bf16 autocast where the hardware has it, and accelerate leaves the trained model's
+            # forward wrapped in it; fp32 keeps the before/after perplexities and the reload check comparable.
+            bf16=False,
             use_cpu=not torch.cuda.is_available(),
         ),
         train_dataset=dataset,

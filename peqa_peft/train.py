@@ -23,7 +23,7 @@ from .utils import module_resident_bytes
 METHODS = ("peqa", "qft", "lora", "qlora")
 # Defaults per method: PEQA scales and LoRA factors take AdamW at a LoRA-like rate; QFT's Lion moves every weight by
 # lr per step, so it wants a much smaller rate (Lion papers use 3-10x below AdamW's full fine-tuning rate).
-DEFAULT_LR = {"peqa": 2e-4, "qft": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+DEFAULT_LR = {"peqa": 2e-4, "qft": 1e-5, "lora": 2e-4, "qlora": 2e-4}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
