@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from typing import Optional
 
-from .train import DEFAULT_LR, METHODS
+from .train import DEFAULT_LR, METHODS, TrainConfig
 
 
 def _int_or_none(value: str) -> Optional[int]:
@@ -27,8 +28,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (default: --epochs)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=None, help=f"learning rate (defaults: {DEFAULT_LR})")
+    p.add_argument("--epochs", dest="num_epochs", type=float, default=1.0)
+    p.add_argument(
+        "--lr", dest="learning_rate", type=float, default=None, help=f"learning rate (defaults: {DEFAULT_LR})"
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512, help="maximum tokens per example")
@@ -69,37 +72,15 @@ def add_eval_parser(sub) -> None:
 
 
 def run_train(args: argparse.Namespace) -> dict:
-    from .train import TrainConfig, format_summary, train
+    from .train import format_summary, train
 
-    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
-    cfg = TrainConfig(
-        model=args.model,
-        method=args.method,
-        output_dir=args.output_dir,
-        dataset=args.dataset,
-        max_samples=args.max_samples,
-        bits=args.bits,
-        group_size=args.group_size,
-        target_modules=targets,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        max_steps=args.max_steps,
-        num_epochs=args.epochs,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        bf16=args.bf16,
-        logging_steps=args.logging_steps,
-        save_steps=args.save_steps,
-        resume_from_checkpoint=args.resume_from_checkpoint,
-        push_to_hub=args.push_to_hub,
-        eval_datasets=[d for d in args.eval_datasets.split(",") if d],
-        eval_max_tokens=args.eval_max_tokens,
-        eval_data_dir=args.eval_data_dir,
-        progress=not args.no_progress,
-    )
+    # argparse destinations are named after TrainConfig's fields; only lists and the progress switch need mapping
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if args.target_modules != "all-linear":
+        values["target_modules"] = args.target_modules.split(",")
+    values["eval_datasets"] = [d for d in args.eval_datasets.split(",") if d]
+    values["progress"] = not args.no_progress
+    cfg = TrainConfig(**values)
     summary = train(cfg)
     print(format_summary(summary))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, default=str))

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
-from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from ...quant.quantizer import validate_bits, validate_group_size
+from .._base import QuantTargetsConfig
 
 
 @dataclass
-class PeqaConfig(PeftConfig):
+class PeqaConfig(QuantTargetsConfig):
     """Configuration of a [`PeqaModel`]: which linear layers to quantize and how, and how the scales are tuned.
 
     PEQA (Kim et al., 2023, "Memory-Efficient Fine-Tuning of Compressed Large Language Models via sub-4-bit Integer
@@ -54,22 +54,6 @@ class PeqaConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "True: delta_s starts at 0 (identity). False: random non-identity start."}
     )
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None,
-        metadata={"help": "Modules to quantize and adapt: names, a regex, or 'all-linear' (the default if None)."},
-    )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Names or a regex of modules to leave untouched."}
-    )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only adapt layers with these indices."}
-    )
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the layer list the indices refer to (e.g. 'layers')."}
-    )
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
-    )
     base_fingerprint: Optional[dict] = field(
         default=None, metadata={"help": "Set on creation; checked on load to refuse a differently quantized base."}
     )
@@ -85,11 +69,4 @@ class PeqaConfig(PeftConfig):
             raise ValueError(
                 f"need search_grid >= 1 and 0 <= max_shrink < 1, got {self.search_grid} and {self.max_shrink}"
             )
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.layers_pattern and not self.layers_to_transform:
-            raise ValueError("`layers_pattern` is only used together with `layers_to_transform`.")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (regex).")
+        self._check_targets()

@@ -5,19 +5,20 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, _maybe_include_all_linear_layers
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ...quant import QuantLinear, validate_group_size
+from .._base import QuantTunerMixin
 from .config import PeqaConfig
 from .layer import Linear, PeqaLayer
 
 _SUPPORTED_TARGETS = (nn.Linear, Conv1D, QuantLinear, PeqaLayer)
 
 
-class PeqaModel(BaseTuner):
+class PeqaModel(QuantTunerMixin, BaseTuner):
     """Creates a PEQA model from a pretrained transformers model (use it through ``peft.get_peft_model``).
 
     Every targeted ``nn.Linear`` / ``Conv1D`` is replaced by a :class:`peqa_peft.tuners.peqa.Linear` whose base is a
@@ -39,12 +40,6 @@ class PeqaModel(BaseTuner):
 
     prefix: str = "peqa_"
     tuner_layer_cls = PeqaLayer
-    target_module_mapping: dict[str, list[str]] = {}
-
-    def _prepare_adapter_config(self, peft_config: PeqaConfig, model_config: dict) -> PeqaConfig:
-        if peft_config.target_modules is None:
-            peft_config.target_modules = "all-linear"
-        return peft_config
 
     def inject_adapter(
         self,
@@ -69,19 +64,6 @@ class PeqaModel(BaseTuner):
         finally:
             self._pending_quant = {}
         self._record_fingerprint(model, config, adapter_name)
-
-    def _find_targets(self, model: nn.Module, config: PeqaConfig) -> dict[str, nn.Module]:
-        self._prepare_adapter_config(config, self.get_model_config(model))
-        _maybe_include_all_linear_layers(config, model)
-        inside_tuner = [name + "." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-        targets = {}
-        for key, module in model.named_modules():
-            if not key or any(key.startswith(prefix) for prefix in inside_tuner):
-                continue
-            match = self._check_target_module_exists(config, key)
-            if match and not isinstance(match, _ExcludedModule):
-                targets[key] = module
-        return targets
 
     def _quantize_targets(self, model: nn.Module, config: PeqaConfig) -> dict[str, QuantLinear]:
         """Validate every target, then quantize the float ones (the model itself is not touched here)."""
@@ -171,11 +153,6 @@ class PeqaModel(BaseTuner):
         return QuantLinear.from_linear(
             target, config.bits, config.group_size, config.init_method, config.search_grid, config.max_shrink
         )
-
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        # The new module already lives on the base's device (adapters are created there), and a QuantLinear has no
-        # float `weight` for PEFT's generic weight-sharing logic to copy: assignment is all that is needed.
-        setattr(parent, child_name, new_module)
 
     def _check_new_adapter_config(self, config: PeqaConfig) -> None:
         super()._check_new_adapter_config(config)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
-from peft.config import PeftConfig
 from peft.utils import PeftType
+
+from .._base import QuantTargetsConfig
 
 
 @dataclass
-class QftConfig(PeftConfig):
+class QftConfig(QuantTargetsConfig):
     """Configuration of a [`QftModel`]: which linear layers become trainable integer weights, and how.
 
     QFT (Li et al., 2023, "QFT: Quantized Full-parameter Tuning of LLMs with Affordable Resources") stores every
@@ -43,21 +44,6 @@ class QftConfig(PeftConfig):
     init_method: Literal["minmax", "mse"] = field(
         default="minmax", metadata={"help": "'minmax' or 'mse' choice of the per-channel int8 grid."}
     )
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Modules to train as integers: names, a regex, or 'all-linear' (default)."}
-    )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Names or a regex of modules to leave untouched."}
-    )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only transform layers with these indices."}
-    )
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the layer list the indices refer to (e.g. 'layers')."}
-    )
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Non-targeted modules trained in float and saved with the checkpoint."}
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,11 +56,4 @@ class QftConfig(PeftConfig):
             raise ValueError(f"`outlier_refresh_steps` must be an int >= 0 (0: never), got {steps!r}")
         if self.init_method not in ("minmax", "mse"):
             raise ValueError(f"`init_method` must be 'minmax' or 'mse', got {self.init_method!r}")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.layers_pattern and not self.layers_to_transform:
-            raise ValueError("`layers_pattern` is only used together with `layers_to_transform`.")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (regex).")
+        self._check_targets()

@@ -5,15 +5,16 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, _maybe_include_all_linear_layers
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._base import QuantTunerMixin
 from .config import QftConfig
 from .layer import Linear, QftLayer
 
 
-class QftModel(BaseTuner):
+class QftModel(QuantTunerMixin, BaseTuner):
     """Creates a QFT model from a pretrained transformers model (use it through ``peft.get_peft_model``).
 
     Every targeted ``nn.Linear`` / ``Conv1D`` is wrapped by a :class:`peqa_peft.tuners.qft.Linear` whose only weight
@@ -34,12 +35,6 @@ class QftModel(BaseTuner):
 
     prefix: str = "qft_"
     tuner_layer_cls = QftLayer
-    target_module_mapping: dict[str, list[str]] = {}
-
-    def _prepare_adapter_config(self, peft_config: QftConfig, model_config: dict) -> QftConfig:
-        if peft_config.target_modules is None:
-            peft_config.target_modules = "all-linear"
-        return peft_config
 
     def _check_new_adapter_config(self, config: QftConfig) -> None:
         super()._check_new_adapter_config(config)
@@ -69,17 +64,9 @@ class QftModel(BaseTuner):
 
     def _validate_targets(self, model: nn.Module, config: QftConfig) -> None:
         """Raise before anything is replaced if a target is not a linear layer or shares its weight."""
-        self._prepare_adapter_config(config, self.get_model_config(model))
-        _maybe_include_all_linear_layers(config, model)
-        inside_tuner = [name + "." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         tied = getattr(embeddings, "weight", None)
-        for key, module in model.named_modules():
-            if not key or any(key.startswith(prefix) for prefix in inside_tuner):
-                continue
-            match = self._check_target_module_exists(config, key)
-            if not match or isinstance(match, _ExcludedModule):
-                continue
+        for key, module in self._find_targets(model, config).items():
             if isinstance(module, QftLayer):
                 raise ValueError(f"Module '{key}' is already a QFT layer; a model can hold only one QFT adapter.")
             if not isinstance(module, (nn.Linear, Conv1D)):
@@ -110,11 +97,6 @@ class QftModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        # The new layer lives on the device of the weight it was quantized from and the base layer has no float
-        # weight left for PEFT's generic weight-sharing/device logic: assignment is all that is needed.
-        setattr(parent, child_name, new_module)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # QFT weights are integers (+ float32 outliers/scales); PEFT's fp16/bf16 -> fp32 upcast does not apply.
