@@ -104,6 +104,12 @@ def load_base_model(name: str, method: str, bf16: bool):
     from peft import prepare_model_for_kbit_training
 
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quant)
+    if not torch.cuda.is_available():
+        # bitsandbytes' AVX512-BF16 CPU kernel asserts out_features % 32 == 0 (fails e.g. on 688-wide MLPs); its
+        # generic dequantize path has no such limit.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 

@@ -76,6 +76,14 @@ def test_train_then_eval_end_to_end(tmp_path, method):
 
 
 @pytest.mark.slow
+def test_train_qlora_where_bitsandbytes_runs(tmp_path):
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs the [bnb] extra")
+    summary = train(TrainConfig(model=str(DEMO_LLAMA), method="qlora", output_dir=str(tmp_path / "q"), **TINY_TRAIN))
+    assert summary["steps"] == 2 and math.isfinite(summary["train_loss"])
+    assert (tmp_path / "q" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_train_is_reproducible_with_a_seed(tmp_path):
     from safetensors.torch import load_file
 
