@@ -182,9 +182,7 @@ def test_adapter_for_another_base_is_refused(tmp_path):
 
     import peqa_peft
 
-    other = Path(REPO / "../shared/data/models/aidreams260K-llama-hf")
-    if not other.exists():
-        pytest.skip("second pretrained model not available")
+    other = REPO / "assets" / "models" / "aidreams260K-llama-hf"  # a second, different pretrained Llama
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(other), peqa_peft.PeqaConfig(bits=4))
     model.save_pretrained(tmp_path / "adapter")
     with pytest.raises(ValueError, match="different quantized base|does not fit"):
