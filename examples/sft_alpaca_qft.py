@@ -1,9 +1,9 @@
 """QFT full-parameter SFT of the bundled demo Llama on Alpaca rows with TRL's SFTTrainer and IntLion.
 
-    python examples/sft_alpaca_qft.py --steps 30 --output-dir /tmp/qft-sft
-    python examples/sft_alpaca_qft.py --steps 30 --float-gradients   # compare: gradients in fp32
+    python examples/sft_alpaca_qft.py --steps 20 --output-dir /tmp/qft-sft
+    python examples/sft_alpaca_qft.py --steps 20 --float-gradients   # compare: gradients in fp32
 
-Prints one JSON line: eval loss before/after, model-state bytes per parameter (weights / gradients / optimizer,
+Prints one JSON line: held-out Alpaca response loss before/after, model-state bytes per parameter (weights / gradients / optimizer,
 measured after a backward pass, i.e. with gradients resident) and their share of fp32 AdamW's 16 bytes/param.
 """
 
@@ -17,26 +17,22 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 import peqa_peft  # noqa: E402,F401  (registers QFT with PEFT)
 from peqa_peft import IntLion, QftConfig  # noqa: E402
+from peqa_peft.data import load_instruction_dataset  # noqa: E402
 from peqa_peft.utils import model_state_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def alpaca_texts(path: Path, start: int, n_rows: int) -> Dataset:
-    """Alpaca rows rendered as single prompt+response texts."""
-    rows = json.loads(path.read_text())[start : start + n_rows]
-    texts = []
-    for r in rows:
-        prompt = f"### Instruction:\n{r['instruction']}\n" + (f"### Input:\n{r['input']}\n" if r["input"] else "")
-        texts.append(prompt + f"### Response:\n{r['output']}")
-    return Dataset.from_dict({"text": texts})
+def alpaca_splits(path: str, train_rows: int, eval_rows: int):
+    """Disjoint train / held-out Alpaca rows in prompt/completion form (the loss is on the responses only)."""
+    data = load_instruction_dataset(path, max_samples=train_rows + eval_rows, seed=0)
+    return data.select(range(train_rows)), data.select(range(train_rows, train_rows + eval_rows))
 
 
 def main() -> None:
@@ -77,11 +73,12 @@ def main() -> None:
         seed=0,
         disable_tqdm=True,
     )
+    train_rows, eval_rows = alpaca_splits(args.data, args.train_rows, args.eval_rows)
     trainer = SFTTrainer(
         model=model,
         args=train_args,
-        train_dataset=alpaca_texts(Path(args.data), 0, args.train_rows),
-        eval_dataset=alpaca_texts(Path(args.data), args.train_rows, args.eval_rows),
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
         processing_class=AutoTokenizer.from_pretrained(args.model),
         optimizer_cls_and_kwargs=IntLion.trainer_factory(lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0),
     )

@@ -31,3 +31,11 @@ def test_sft_alpaca_peqa_example_runs(tmp_path):
     tiny = ["--steps", "2", "--batch-size", "2", "--seq-len", "160", "--eval-tokens", "1024"]
     summary = run_example("sft_alpaca_peqa.py", tmp_path, *tiny)
     assert summary["identical_reload"] is True and summary["ppl_peqa"] > 1
+
+
+@pytest.mark.slow
+def test_sft_alpaca_qft_example_runs(tmp_path):
+    tiny = ["--steps", "2", "--train-rows", "16", "--eval-rows", "8", "--batch-size", "4"]
+    summary = run_example("sft_alpaca_qft.py", tmp_path, *tiny)
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert summary["bytes_per_param"]["gradients"] < summary["bytes_per_param"]["weights"]
