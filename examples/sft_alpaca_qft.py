@@ -3,8 +3,9 @@
     python examples/sft_alpaca_qft.py --steps 20 --output-dir /tmp/qft-sft
     python examples/sft_alpaca_qft.py --steps 20 --float-gradients   # compare: gradients in fp32
 
-Prints one JSON line: held-out Alpaca response loss before/after, model-state bytes per parameter (weights / gradients / optimizer,
-measured after a backward pass, i.e. with gradients resident) and their share of fp32 AdamW's 16 bytes/param.
+Prints one JSON line: held-out Alpaca response loss before/after, model-state bytes per parameter (weights /
+gradients / optimizer, measured after a backward pass, i.e. with gradients resident) and their share of fp32
+AdamW's 16 bytes/param.
 """
 
 from __future__ import annotations
