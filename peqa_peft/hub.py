@@ -100,6 +100,7 @@ def push_adapter_to_hub(
     model,
     repo_id: str,
     commit_message: Optional[str] = None,
+    commit_description: Optional[str] = None,
     private: Optional[bool] = None,
     token: Optional[str] = None,
     revision: Optional[str] = None,
@@ -122,6 +123,7 @@ def push_adapter_to_hub(
             repo_id=repo_id,
             folder_path=tmp_dir,
             commit_message=commit_message or f"Upload {type(model).__name__} adapter",
+            commit_description=commit_description,
             revision=revision,
             create_pr=create_pr,
         )

@@ -176,7 +176,7 @@ def test_push_to_hub_uploads_adapter_and_card(tmp_path):
     fake_api.create_repo.return_value.repo_id = "user/peqa-adapter"
     fake_api.upload_folder.side_effect = upload_folder
     with mock.patch("peqa_peft.hub.HfApi", return_value=fake_api):
-        assert model.push_to_hub("user/peqa-adapter", private=True) == "commit-url"
+        assert model.push_to_hub("user/peqa-adapter", private=True, commit_description="d") == "commit-url"
     fake_api.create_repo.assert_called_once()
     assert uploaded.pop("__repo__") == "user/peqa-adapter"
     assert sorted(uploaded) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
