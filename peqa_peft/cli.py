@@ -55,6 +55,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--bits", type=int, default=None, help="evaluate the base quantized to this many bits")
     p.add_argument("--group-size", type=_int_or_none, default=None)
     p.add_argument("--quant-method", choices=("minmax", "mse"), default="minmax", help="minmax = RTN")
+    p.add_argument("--load-in-4bit", action="store_true", help="load the base in bitsandbytes NF4 (QLoRA adapters)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--text-file", default=None, help="score this UTF-8 text file")
     source.add_argument("--dataset", choices=("wikitext2", "ptb"), default=None)
@@ -96,7 +97,9 @@ def run_eval(args: argparse.Namespace) -> dict:
         raise SystemExit("peqa-peft eval: give --text-file, --dataset or --mmlu")
     if args.text_file and not Path(args.text_file).exists():
         raise FileNotFoundError(f"text file {args.text_file} does not exist")
-    model, tokenizer = load_for_eval(args.model, args.adapter, args.bits, args.group_size, args.quant_method)
+    model, tokenizer = load_for_eval(
+        args.model, args.adapter, args.bits, args.group_size, args.quant_method, load_in_4bit=args.load_in_4bit
+    )
     result = {"model": args.model, "adapter": args.adapter, "bits": args.bits, "group_size": args.group_size}
     if args.text_file or args.dataset:
         if args.text_file:

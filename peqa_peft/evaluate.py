@@ -120,11 +120,13 @@ def load_for_eval(
     group_size: Optional[int] = None,
     quant_method: str = "minmax",
     dtype: torch.dtype = torch.float32,
+    load_in_4bit: bool = False,
 ):
     """A model to evaluate: the base, the base quantized to ``bits`` (RTN by default), or base + ``adapter``.
 
     Returns ``(model, tokenizer)``. A PEQA adapter re-quantizes the base exactly as it was trained (its fingerprint
-    is checked); ``bits`` alone evaluates the plain quantized base (a fresh, identity PEQA adapter).
+    is checked); ``bits`` alone evaluates the plain quantized base (a fresh, identity PEQA adapter);
+    ``load_in_4bit`` loads the base in bitsandbytes NF4 (the base a QLoRA adapter was trained on).
     """
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,10 +138,15 @@ def load_for_eval(
     for path, what in ((model_name, "model"), (adapter, "adapter")):
         if path and looks_like_local_path(path) and not Path(path).expanduser().exists():
             raise FileNotFoundError(f"{what} directory {path} does not exist")
-    if adapter and bits:
-        raise ValueError("pass either --adapter (its config fixes the quantization) or --bits, not both")
+    if bits and (adapter or load_in_4bit):
+        raise ValueError("--bits quantizes the base itself; it cannot be combined with --adapter or --load-in-4bit")
     tokenizer = AutoTokenizer.from_pretrained(model_name)
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
+    if load_in_4bit:
+        from .train import load_nf4_model
+
+        model = load_nf4_model(model_name, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     if adapter:
         try:
             model = PeftModel.from_pretrained(model, adapter)

@@ -88,21 +88,16 @@ def check_has_linear_layers(model: nn.Module) -> None:
         raise ValueError(f"{type(model).__name__} has no nn.Linear/Conv1D layers to quantize or adapt")
 
 
-def load_base_model(name: str, method: str, bf16: bool):
-    """The base model, on the bitsandbytes 4-bit backend for QLoRA."""
+def load_nf4_model(name: str, dtype: torch.dtype = torch.float32):
+    """``name`` with its linear layers in bitsandbytes NF4 (the QLoRA base), runnable on CPU and CUDA."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    if method != "qlora":
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ValueError("method 'qlora' needs bitsandbytes: pip install 'peqa-peft[bnb]'") from err
+        raise ValueError("QLoRA / NF4 needs bitsandbytes: pip install 'peqa-peft[bnb]'") from err
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    from peft import prepare_model_for_kbit_training
-
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quant)
     if not torch.cuda.is_available():
         # bitsandbytes' AVX512-BF16 CPU kernel asserts out_features % 32 == 0 (fails e.g. on 688-wide MLPs); its
@@ -110,7 +105,19 @@ def load_base_model(name: str, method: str, bf16: bool):
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def load_base_model(name: str, method: str, bf16: bool):
+    """The base model to train, on the bitsandbytes 4-bit backend for QLoRA."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if method != "qlora":
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(load_nf4_model(name, dtype), use_gradient_checkpointing=False)
 
 
 def peft_config_for(cfg: TrainConfig):

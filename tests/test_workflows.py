@@ -78,9 +78,13 @@ def test_train_then_eval_end_to_end(tmp_path, method):
 @pytest.mark.slow
 def test_train_qlora_where_bitsandbytes_runs(tmp_path):
     pytest.importorskip("bitsandbytes", reason="QLoRA needs the [bnb] extra")
-    summary = train(TrainConfig(model=str(DEMO_LLAMA), method="qlora", output_dir=str(tmp_path / "q"), **TINY_TRAIN))
+    out = tmp_path / "q"
+    summary = train(TrainConfig(model=str(DEMO_LLAMA), method="qlora", output_dir=str(out), **TINY_TRAIN))
     assert summary["steps"] == 2 and math.isfinite(summary["train_loss"])
-    assert (tmp_path / "q" / "adapter_model.safetensors").exists()
+    assert (out / "adapter_model.safetensors").exists()
+    # evaluated on its NF4 base, in a fresh process
+    result = run_eval_cli("--adapter", str(out), "--load-in-4bit", "--dataset", "wikitext2", "--max-tokens", "1024")
+    assert math.isfinite(result["perplexity"]) and result["tokens"] > 0
 
 
 @pytest.mark.slow
