@@ -21,12 +21,12 @@ def _float_model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
 
 
-def _train(model, optimizer, steps: int, seed: int = 1, clip: float = 0.0) -> list[float]:
+def _run_steps(model, optimizer, batch_loss, steps: int, seed: int, clip: float) -> list[float]:
+    """``steps`` optimizer steps on seeded batches; ``batch_loss(model, generator)`` returns a batch's loss."""
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
-        x = torch.randn(8, 16, generator=gen)
-        loss = model(x).square().mean()
+        loss = batch_loss(model, gen)
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -34,6 +34,13 @@ def _train(model, optimizer, steps: int, seed: int = 1, clip: float = 0.0) -> li
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def _train(model, optimizer, steps: int, seed: int = 1, clip: float = 0.0) -> list[float]:
+    """Steps of the float toy regression."""
+    return _run_steps(
+        model, optimizer, lambda m, g: m(torch.randn(8, 16, generator=g)).square().mean(), steps, seed, clip
+    )
 
 
 @pytest.mark.parametrize(
@@ -79,19 +86,14 @@ def _qft(seed: int = 0, **config):
     return model
 
 
+def _lm_loss(model, gen: torch.Generator) -> torch.Tensor:
+    ids = torch.randint(0, 128, (2, 12), generator=gen)
+    return model(input_ids=ids, labels=ids).loss
+
+
 def _qft_steps(model, optimizer, steps: int, clip: float = 0.0, seed: int = 3) -> list[float]:
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        ids = torch.randint(0, 128, (2, 12), generator=gen)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    """Steps of language modelling on random token batches."""
+    return _run_steps(model, optimizer, _lm_loss, steps, seed, clip)
 
 
 def _weights(model) -> list[QftWeight]:
