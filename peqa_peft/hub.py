@@ -85,14 +85,35 @@ def add_training_section(output_dir: str, summary: dict) -> None:
     _set_section(output_dir, TRAINING_HEADING, lines, {"peqa_peft", summary["method"]})
 
 
-def push_folder_to_hub(folder: str, repo_id: str, private: Optional[bool] = None, token: Optional[str] = None):
-    """Upload the adapter files, card and run summary of ``folder`` (not checkpoints) to ``repo_id``."""
-    if not (Path(folder) / "adapter_config.json").exists():
+def push_folder_to_hub(
+    folder: str,
+    repo_id: str,
+    private: Optional[bool] = None,
+    token: Optional[str] = None,
+    commit_message: str = "Upload adapter",
+    commit_description: Optional[str] = None,
+    revision: Optional[str] = None,
+    create_pr: bool = False,
+    allow_patterns: Optional[list[str]] = UPLOAD_PATTERNS,
+):
+    """Upload ``folder``'s adapter files, card and run summary (not checkpoints) to ``repo_id``.
+
+    ``allow_patterns=None`` uploads everything in the folder.
+    """
+    if not any(Path(folder).rglob("adapter_config.json")):
         raise FileNotFoundError(f"{folder} holds no adapter_config.json; nothing to push")
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True)
     return api.upload_folder(
-        repo_id=repo_id, folder_path=folder, allow_patterns=UPLOAD_PATTERNS, commit_message="Upload adapter"
+        repo_id=repo_id,
+        folder_path=folder,
+        allow_patterns=allow_patterns,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
     )
 
 
@@ -113,17 +134,16 @@ def push_adapter_to_hub(
     """
     save_kwargs.pop("max_shard_size", None)
     save_kwargs.pop("tags", None)
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp_dir:
         model.save_pretrained(tmp_dir, **save_kwargs)
-        if revision is not None and not revision.startswith("refs/pr"):
-            api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=tmp_dir,
+        return push_folder_to_hub(
+            tmp_dir,
+            repo_id,
+            private=private,
+            token=token,
             commit_message=commit_message or f"Upload {type(model).__name__} adapter",
             commit_description=commit_description,
             revision=revision,
             create_pr=create_pr,
+            allow_patterns=None,  # everything save_pretrained wrote, including other adapters' subfolders
         )
