@@ -8,32 +8,42 @@ error of an entry at 1% of its block's maximum is ~8% instead of ~80% with a lin
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _MAXC = 127
 
 
-def quantize_blockwise(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes, absmax)``: int8 codes of shape ``(n_blocks, block_size)`` and float32 ``absmax`` ``(n_blocks,)``."""
-    flat = x.detach().reshape(-1).float()
+def quantize_blocks(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``(n_blocks, block_size)`` and absmax ``(n_blocks,)`` of a flat float tensor (zero-padded at the end)."""
     n_blocks = -(-flat.numel() // block_size)
-    padded = torch.zeros(n_blocks * block_size, dtype=torch.float32, device=x.device)
-    padded[: flat.numel()] = flat
-    blocks = padded.view(n_blocks, block_size)
+    if flat.numel() == n_blocks * block_size:
+        blocks = flat.float().view(n_blocks, block_size).clone()
+    else:
+        blocks = torch.zeros(n_blocks * block_size, dtype=torch.float32, device=flat.device)
+        blocks[: flat.numel()] = flat
+        blocks = blocks.view(n_blocks, block_size)
     absmax = blocks.abs().amax(dim=1).clamp_min_(torch.finfo(torch.float32).tiny)
     normed = blocks.div_(absmax.unsqueeze(1))
     codes = torch.round(normed.sign() * normed.abs().sqrt_() * _MAXC).to(torch.int8)
     return codes, absmax
 
 
+def dequantize_blocks(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """The flat float32 tensor (``n_blocks * block_size`` entries, padding included) of :func:`quantize_blocks`."""
+    y = codes.float().div_(_MAXC)
+    return y.abs().mul_(y).mul_(absmax.unsqueeze(1)).view(-1)  # sign(c) * (c/127)^2 * absmax
+
+
+def quantize_blockwise(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, absmax)``: int8 codes of shape ``(n_blocks, block_size)`` and float32 ``absmax`` ``(n_blocks,)``."""
+    return quantize_blocks(x.detach().reshape(-1).float(), block_size)
+
+
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The float32 tensor of ``shape`` stored by :func:`quantize_blockwise`."""
-    y = codes.float().div_(_MAXC)
-    y = y.abs().mul_(y).mul_(absmax.unsqueeze(1))  # sign(c) * (c/127)^2 * absmax
-    numel = 1
-    for size in shape:
-        numel *= size
-    return y.reshape(-1)[:numel].reshape(shape)
+    return dequantize_blocks(codes, absmax)[: math.prod(shape)].reshape(shape)
 
 
-__all__ = ["dequantize_blockwise", "quantize_blockwise"]
+__all__ = ["dequantize_blocks", "dequantize_blockwise", "quantize_blocks", "quantize_blockwise"]

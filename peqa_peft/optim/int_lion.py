@@ -36,12 +36,23 @@ Fused mode
 gradient and then frees the gradient, so at most one gradient is resident. The update then happens before the
 global gradient norm is known and on every backward: use it without gradient clipping and without gradient
 accumulation (``step()`` becomes a no-op for params the hooks already updated).
+
+Non-finite gradients
+--------------------
+A NaN/inf gradient would poison the momentum for good (its block absmax becomes NaN). As AMP's ``GradScaler`` does,
+the update of a param whose gradient is not finite is skipped: its momentum, step count and weight stay exactly as
+they were (so the rounding noise of later steps is unchanged too). Each skip is counted in the param's state
+(``skipped_steps``, ``consecutive_skips``) and announced by a ``RuntimeWarning``; after ``max_consecutive_skips``
+skips in a row of the same param the optimizer raises instead, since training has then stopped making progress.
+(With global gradient clipping one non-finite gradient makes the total norm, and so every clipped gradient, NaN:
+then the whole step is skipped.)
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Optional, Union
 
@@ -49,10 +60,18 @@ import torch
 from torch import nn
 
 from ..quant.stochastic import counter_generator
-from ..tuners.qft.tensor import Int8Grad, QftWeight
-from .blockwise import dequantize_blockwise, quantize_blockwise
+from ..tuners.qft.tensor import row_chunks
+from .blockwise import dequantize_blocks, dequantize_blockwise, quantize_blocks, quantize_blockwise
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
+
+
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 10
+_TINY = torch.finfo(torch.float32).tiny  # absmax of an all-zero momentum block (as quantize_blockwise stores it)
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Raised when a param's gradient was non-finite ``max_consecutive_skips`` optimizer steps in a row."""
 
 
 def _check_hparams(lr: float, betas: tuple[float, float], weight_decay: float, block_size: int, seed: int) -> None:
@@ -68,10 +87,40 @@ def _check_hparams(lr: float, betas: tuple[float, float], weight_decay: float, b
         raise TypeError(f"`seed` must be an int, got {seed!r}")
 
 
-def _float_grad(grad: torch.Tensor) -> torch.Tensor:
+def _check_max_skips(value: Optional[int]) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"`max_consecutive_skips` must be a positive int or None (never raise), got {value!r}")
+
+
+def _grad_is_finite(grad: torch.Tensor) -> bool:
+    """Whether every entry of ``grad`` is finite (an ``Int8Grad`` is finite iff its row scales are)."""
     if grad.is_sparse:
         raise RuntimeError("IntLion does not support sparse gradients")
-    return grad.dequantize(torch.float32) if isinstance(grad, Int8Grad) else grad.float()
+    check = getattr(grad, "is_finite", None)  # an int8 gradient checks its row scales only
+    return check() if callable(check) else bool(torch.isfinite(grad).all())
+
+
+def _is_integer_weight(p: torch.Tensor) -> bool:
+    """Whether ``p`` applies IntLion's update to its own integer storage (e.g. a QFT ``QftWeight``)."""
+    return callable(getattr(p, "lion_update_rows_", None))
+
+
+def _grad_rows(grad: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of a 2-D gradient as float32 (an int8 gradient dequantizes just those rows)."""
+    if grad.is_sparse:
+        raise RuntimeError("IntLion does not support sparse gradients")
+    rows = getattr(grad, "dequantize_rows", None)
+    return rows(r0, r1, torch.float32) if rows is not None else grad[r0:r1].float()
+
+
+def lion_direction_(momentum: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
+    """Lion's update direction ``sign(beta1 * m + (1 - beta1) * g)``; ``m`` becomes ``beta2 * m + (1 - beta2) * g``.
+
+    The whole of Lion's arithmetic, on float32 tensors of equal shape (``momentum`` is updated in place).
+    """
+    direction = momentum.mul(beta1).add_(grad, alpha=1.0 - beta1).sign_()
+    momentum.mul_(beta2).add_(grad, alpha=1.0 - beta2)
+    return direction
 
 
 class IntLion(torch.optim.Optimizer):
@@ -86,6 +135,9 @@ class IntLion(torch.optim.Optimizer):
         block_size: entries per momentum block (one float32 absmax each).
         seed: seed of the stochastic rounding; together with the step count it fixes all randomness.
         fused: update in post-accumulate-grad hooks during backward (no global clipping / accumulation).
+        max_consecutive_skips: raise :class:`NonFiniteGradientError` once a param's gradient has been non-finite this
+            many steps in a row (each such step is skipped for that param, see the module docstring); ``None``:
+            never raise.
     """
 
     def __init__(
@@ -98,8 +150,10 @@ class IntLion(torch.optim.Optimizer):
         block_size: int = 256,
         seed: int = 0,
         fused: bool = False,
+        max_consecutive_skips: Optional[int] = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         _check_hparams(lr, tuple(betas), weight_decay, block_size, seed)
+        _check_max_skips(max_consecutive_skips)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -110,6 +164,7 @@ class IntLion(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.fused = fused
+        self.max_consecutive_skips = max_consecutive_skips
         self._hooks: list = []
         if fused:
             self._register_fused_hooks()
@@ -170,48 +225,118 @@ class IntLion(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         positions = self._positions()
+        skipped, total = [], 0
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update(p, group, positions[id(p)][1])
+                    total += 1
+                    if not self._update(p, group, positions[id(p)][1]):
+                        skipped.append(positions[id(p)][1])
+        if skipped:
+            self._report_skips(skipped, total)
         return loss
 
-    def _update(self, p: torch.Tensor, group: dict[str, Any], stream: int) -> None:
+    def _report_skips(self, streams: list[int], total: int) -> None:
+        """Warn about the params skipped in this step; raise when one was skipped too often in a row."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        worst = max(self.state[params[i]]["consecutive_skips"] for i in streams)
+        limit = self.max_consecutive_skips
+        where = f"param(s) {streams[:8]}{'...' if len(streams) > 8 else ''} ({len(streams)} of {total})"
+        if limit is not None and worst >= limit:
+            raise NonFiniteGradientError(
+                f"IntLion: non-finite gradients in {worst} consecutive steps of {where}; training makes no progress "
+                "(check the loss scale, learning rate and inputs, or raise `max_consecutive_skips`)."
+            )
+        warnings.warn(
+            f"IntLion: non-finite gradient in {where}; skipped their update (momentum and weights unchanged), "
+            f"{worst} consecutive skip(s) so far.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _update(self, p: torch.Tensor, group: dict[str, Any], stream: int) -> bool:
+        """Update ``p`` from its gradient; ``False`` (only the skip counters changed) if the gradient is not finite."""
         state = self.state[p]
-        if not state:
-            state["step"] = 0
-        grad = _float_grad(p.grad)
-        beta1, beta2 = group["betas"]
-        momentum = self._load_momentum(state, p)
-        direction = momentum.mul(beta1).add_(grad, alpha=1.0 - beta1).sign_()
-        momentum.mul_(beta2).add_(grad, alpha=1.0 - beta2)
-        self._store_momentum(state, momentum, group)
-        del momentum, grad
+        if not _grad_is_finite(p.grad):
+            state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+            state["consecutive_skips"] = state.get("consecutive_skips", 0) + 1
+            return False
+        state.setdefault("step", 0)
+        state["consecutive_skips"] = 0
         state["step"] += 1
-        lr, wd = group["lr"], group["weight_decay"]
-        if isinstance(p, QftWeight):
-            generator = counter_generator(group["seed"], stream, state["step"], p.device)
-            p.lion_update_(direction, lr, wd, generator)
-            if p.refresh_every and state["step"] % p.refresh_every == 0:
-                p.reselect_outliers_()
-        else:
-            p.mul_(1.0 - lr * wd).add_(direction.to(p.dtype), alpha=-lr)
+        self._prepare_momentum(state, p, group)
+        integer = _is_integer_weight(p)
+        generator = counter_generator(group["seed"], stream, state["step"], p.device) if integer else None
+        # Weight-sized work runs chunk by chunk (see row_chunks): each chunk's gradient, momentum and update are
+        # computed while they sit in cache, and no weight-sized float temporary is ever allocated.
+        rows, row_len = (p.shape[0], p.shape[1]) if integer else (p.numel(), 1)
+        # A float param is updated through a flat view (a copy written back at the end if it is not contiguous).
+        flat = None if integer else (p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone())
+        flat_grad = None if integer else p.grad.reshape(-1)
+        align = group["block_size"] if "momentum_absmax" in state else 1
+        for r0, r1 in row_chunks(rows, row_len, align):
+            a, b = r0 * row_len, r1 * row_len
+            grad = _grad_rows(p.grad, r0, r1) if integer else flat_grad[a:b].float()
+            momentum = self._momentum_chunk(state, a, b)
+            direction = lion_direction_(momentum, grad.reshape(-1), *group["betas"])
+            self._store_momentum_chunk(state, momentum, a, b)
+            if integer:
+                p.lion_update_rows_(
+                    r0, r1, direction.view(r1 - r0, row_len), group["lr"], group["weight_decay"], generator
+                )
+            else:
+                flat[a:b].mul_(1.0 - group["lr"] * group["weight_decay"]).add_(
+                    direction.to(p.dtype), alpha=-group["lr"]
+                )
+        if flat is not None and not p.is_contiguous():
+            p.copy_(flat.view(p.shape))
+        refresh = getattr(p, "refresh_every", 0)
+        if integer and refresh and state["step"] % refresh == 0:
+            p.reselect_outliers_()
+        return True
 
     @staticmethod
-    def _load_momentum(state: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
+    def _prepare_momentum(state: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Allocate the momentum (zero) or convert it to the group's current storage format."""
+        block = group["block_size"]
         if "momentum" not in state:
-            return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        if "momentum_absmax" in state:
-            return dequantize_blockwise(state["momentum"], state["momentum_absmax"], p.shape)
-        return state["momentum"].clone()
+            if group["quantize_momentum"]:
+                n_blocks = -(-p.numel() // block)
+                state["momentum"] = torch.zeros(n_blocks, block, dtype=torch.int8, device=p.device)
+                state["momentum_absmax"] = torch.full((n_blocks,), _TINY, dtype=torch.float32, device=p.device)
+            else:
+                state["momentum"] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device).view(p.shape)
+            return
+        quantized = "momentum_absmax" in state
+        if quantized == group["quantize_momentum"] and (not quantized or state["momentum"].shape[1] == block):
+            return
+        momentum = (
+            dequantize_blockwise(state["momentum"], state.pop("momentum_absmax"), p.shape)
+            if quantized
+            else state["momentum"].float()
+        )
+        if group["quantize_momentum"]:
+            state["momentum"], state["momentum_absmax"] = quantize_blockwise(momentum, block)
+        else:
+            state["momentum"] = momentum.contiguous()
 
     @staticmethod
-    def _store_momentum(state: dict[str, Any], momentum: torch.Tensor, group: dict[str, Any]) -> None:
-        if group["quantize_momentum"]:
-            state["momentum"], state["momentum_absmax"] = quantize_blockwise(momentum, group["block_size"])
-        else:
-            state.pop("momentum_absmax", None)
-            state["momentum"] = momentum
+    def _momentum_chunk(state: dict[str, Any], a: int, b: int) -> torch.Tensor:
+        """The float32 momentum of flat entries ``a:b`` (a new tensor)."""
+        if "momentum_absmax" not in state:
+            return state["momentum"].view(-1)[a:b].clone()
+        block = state["momentum"].shape[1]
+        b0, b1 = a // block, -(-b // block)
+        return dequantize_blocks(state["momentum"][b0:b1], state["momentum_absmax"][b0:b1])[: b - a]
+
+    @staticmethod
+    def _store_momentum_chunk(state: dict[str, Any], momentum: torch.Tensor, a: int, b: int) -> None:
+        if "momentum_absmax" not in state:
+            state["momentum"].view(-1)[a:b] = momentum
+            return
+        block = state["momentum"].shape[1]
+        b0, b1 = a // block, -(-b // block)
+        state["momentum"][b0:b1], state["momentum_absmax"][b0:b1] = quantize_blocks(momentum, block)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a saved state exactly: unlike ``Optimizer``'s default, float states keep their own dtype.
@@ -237,8 +362,10 @@ class IntLion(torch.optim.Optimizer):
     def _fused_hook(self, p: torch.Tensor) -> None:
         group_index, stream = self._positions()[id(p)]
         with torch.no_grad():
-            self._update(p, self.param_groups[group_index], stream)
+            finite = self._update(p, self.param_groups[group_index], stream)
         p.grad = None  # the point of fused mode: this gradient is not kept until a global step()
+        if not finite:
+            self._report_skips([stream], 1)
 
     def remove_fused_hooks(self) -> None:
         """Stop fused updates (e.g. before switching to a Trainer-driven loop)."""
@@ -257,4 +384,4 @@ class _TrainerFactory:
         return self.optimizer_cls.from_model(model, **kwargs)
 
 
-__all__ = ["IntLion"]
+__all__ = ["IntLion", "NonFiniteGradientError"]

@@ -19,12 +19,13 @@ ops that are not implemented raise, so nothing silently writes into a temporary.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
 from torch.utils._pytree import tree_map
 
-from ...quant.functional import dequantize_codes
 from ...quant.quantizer import compute_qparams, quantize
 
 aten = torch.ops.aten
@@ -33,6 +34,31 @@ WEIGHT_BITS = 8
 _MAXQ = 2**WEIGHT_BITS - 1
 _GRAD_MAXQ = 127
 WEIGHT_FIELDS = ("codes", "scale", "zero_point", "outlier_idx", "outlier_val")
+# Weight-sized work (dequantize, weight gradient + its int8 quantization, the optimizer update) runs over row chunks
+# of about this many entries: every temporary of a chunk stays in the CPU's L2 cache and comes from the allocator's
+# free lists, instead of each elementwise pass streaming a fresh weight-sized tensor through memory (page faults
+# included). Measured by benchmarks/qft_speed.py; the results do not depend on it (tests vary it).
+CHUNK_ELEMENTS = 1 << 18
+
+
+def row_chunks(rows: int, row_len: int, align: int = 1) -> Iterator[tuple[int, int]]:
+    """Consecutive ``(r0, r1)`` row ranges of about ``CHUNK_ELEMENTS`` entries covering ``rows`` rows.
+
+    Every range starts at a flat offset ``r0 * row_len`` that is a multiple of ``align`` (the optimizer's momentum
+    block size), so a chunk holds whole momentum blocks (the last one may be partial at the tensor's end).
+    """
+    step = align // math.gcd(row_len, align)
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, row_len * step)) * step
+    for r0 in range(0, rows, per_chunk):
+        yield r0, min(rows, r0 + per_chunk)
+
+
+def _quantize_grad_rows(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and float32 per-row absmax scales of a 2-D gradient block (round to nearest)."""
+    g = g.float()
+    scale = g.abs().amax(dim=1, keepdim=True).div_(_GRAD_MAXQ).clamp_min_(torch.finfo(torch.float32).tiny)
+    codes = torch.div(g, scale).round_().clamp_(-_GRAD_MAXQ, _GRAD_MAXQ).to(torch.int8)
+    return codes, scale
 
 
 def _index_dtype(numel: int) -> torch.dtype:
@@ -117,9 +143,25 @@ class QftWeight(torch.Tensor):
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The float weight ``s * (q - z)`` with the outliers written in, in ``dtype`` (default: apparent dtype)."""
-        w = dequantize_codes(self.codes, self.scale, self.zero_point, dtype or self.dtype)
-        if self.outlier_idx.numel():
-            w.view(-1)[self.outlier_idx.long()] = self.outlier_val.to(w.dtype)
+        return self.dequantize_rows(0, self.shape[0], dtype)
+
+    def _outlier_range(self, r0: int, r1: int) -> tuple[int, int]:
+        """``(lo, hi)``: ``outlier_idx[lo:hi]`` are the outliers of rows ``r0:r1`` (the index is sorted)."""
+        if not self.num_outliers:
+            return 0, 0
+        bounds = torch.tensor([r0 * self.shape[1], r1 * self.shape[1]], dtype=self.outlier_idx.dtype)
+        lo, hi = torch.searchsorted(self.outlier_idx, bounds.to(self.outlier_idx.device)).tolist()
+        return lo, hi
+
+    def dequantize_rows(self, r0: int, r1: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Rows ``r0:r1`` of :meth:`dequantize` (a new tensor), computed in ``dtype`` in one pass per op."""
+        dtype = dtype or self.dtype
+        w = self.codes[r0:r1].to(dtype)
+        w.sub_(self.zero_point[r0:r1].to(dtype)).mul_(self.scale[r0:r1].to(dtype))
+        lo, hi = self._outlier_range(r0, r1)
+        if hi > lo:
+            local = self.outlier_idx[lo:hi].long() - r0 * self.shape[1]
+            w.view(-1)[local] = self.outlier_val[lo:hi].to(dtype)
         return w
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -136,6 +178,9 @@ class QftWeight(torch.Tensor):
                     f"QFT weight field '{name}' has shape {tuple(new.shape)}, expected {tuple(own.shape)}"
                 )
             own.copy_(new)
+        idx = self.outlier_idx
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.numel() or (idx[1:] <= idx[:-1]).any()):
+            raise ValueError("QFT weight field 'outlier_idx' must hold distinct sorted indices into the weight")
 
     def storage_bytes(self) -> int:
         """Bytes of all tensors that store this weight."""
@@ -149,24 +194,41 @@ class QftWeight(torch.Tensor):
     def lion_update_(
         self, direction: torch.Tensor, lr: float, weight_decay: float, generator: Optional[torch.Generator]
     ) -> None:
-        """Apply ``W <- W - lr * (direction + weight_decay * W)`` to the integer codes and the float outliers.
+        """``W <- W - lr * (direction + weight_decay * W)`` on the whole weight (see :meth:`lion_update_rows_`)."""
+        for r0, r1 in row_chunks(self.shape[0], self.shape[1]):
+            self.lion_update_rows_(r0, r1, direction[r0:r1], lr, weight_decay, generator)
+
+    @torch.no_grad()
+    def lion_update_rows_(
+        self,
+        r0: int,
+        r1: int,
+        direction: torch.Tensor,
+        lr: float,
+        weight_decay: float,
+        generator: Optional[torch.Generator],
+    ) -> None:
+        """Apply ``W <- W - lr * (direction + weight_decay * W)`` to rows ``r0:r1`` (``direction``: those rows).
 
         In code units the dense update is ``-(lr / s) * direction - lr * weight_decay * (q - z)`` per entry; it is
         stochastically rounded to whole steps (unbiased, so sub-step learning rates still move weights on average)
-        and clamped to ``[0, 255]``. Outliers take the same update exactly, in float.
+        and clamped to ``[0, 255]``. Outliers take the same update exactly, in float. Called on consecutive row
+        ranges, the rounding noise drawn from ``generator`` is the same as for one call on the whole weight.
         """
-        from ...quant.stochastic import stochastic_round
-
-        codes = self.codes.float()
-        update = direction.float() * (-lr / self.scale)
+        codes = self.codes[r0:r1].float()
+        update = direction.float() * (-lr / self.scale[r0:r1])
         if weight_decay:
-            update.add_(codes - self.zero_point, alpha=-lr * weight_decay)
-        codes = stochastic_round(update.add_(codes), generator).clamp_(0, _MAXQ)
-        if self.num_outliers:
-            idx = self.outlier_idx.long()
-            codes.view(-1)[idx] = self.zero_point.expand_as(codes).reshape(-1)[idx]
-            self.outlier_val.mul_(1.0 - lr * weight_decay).sub_(direction.reshape(-1)[idx].float(), alpha=lr)
-        self.codes.copy_(codes)
+            update.add_(codes - self.zero_point[r0:r1], alpha=-lr * weight_decay)
+        update.add_(codes)
+        noise = torch.rand(update.shape, generator=generator, device=update.device, dtype=torch.float32)
+        codes = noise.add_(update).floor_().clamp_(0, _MAXQ)  # stochastic rounding: floor(x + U[0, 1))
+        lo, hi = self._outlier_range(r0, r1)
+        if hi > lo:
+            local = self.outlier_idx[lo:hi].long() - r0 * self.shape[1]
+            codes.view(-1)[local] = self.zero_point[r0:r1].expand_as(codes).reshape(-1)[local]
+            outliers = self.outlier_val[lo:hi]
+            outliers.mul_(1.0 - lr * weight_decay).sub_(direction.reshape(-1)[local].float(), alpha=lr)
+        self.codes[r0:r1].copy_(codes)
 
     @torch.no_grad()
     def reselect_outliers_(self) -> None:
@@ -230,14 +292,21 @@ class Int8Grad(torch.Tensor):
     @torch.no_grad()
     def from_float(cls, grad: torch.Tensor, dtype: Optional[torch.dtype] = None) -> Int8Grad:
         """Round ``grad`` (2-D) to the nearest int8 code with per-row absmax scales."""
-        g = grad.detach().float()
-        scale = g.abs().amax(dim=1, keepdim=True).div_(_GRAD_MAXQ).clamp_min_(torch.finfo(torch.float32).tiny)
-        codes = torch.round(g / scale).clamp_(-_GRAD_MAXQ, _GRAD_MAXQ).to(torch.int8)
+        codes, scale = _quantize_grad_rows(grad.detach())
         return cls(codes, scale, dtype or grad.dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The float gradient ``codes * scale``."""
-        return self.codes.to(dtype or self.dtype) * self.scale.to(dtype or self.dtype)
+        return self.dequantize_rows(0, self.shape[0], dtype)
+
+    def dequantize_rows(self, r0: int, r1: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Rows ``r0:r1`` of :meth:`dequantize` (a new tensor)."""
+        dtype = dtype or self.dtype
+        return self.codes[r0:r1].to(dtype).mul_(self.scale[r0:r1].to(dtype))
+
+    def is_finite(self) -> bool:
+        """Whether every entry is finite: the codes always are, so this checks the row scales."""
+        return bool(torch.isfinite(self.scale).all())
 
     def storage_bytes(self) -> int:
         return self.codes.numel() * self.codes.element_size() + self.scale.numel() * self.scale.element_size()
@@ -299,25 +368,55 @@ class Int8Grad(torch.Tensor):
 
 
 class _QftLinearFn(torch.autograd.Function):
-    """``x @ W^T`` where ``W`` is a ``QftWeight``; the dequantized ``W`` is a temporary of each pass."""
+    """``x @ W^T`` where ``W`` is a ``QftWeight``, computed over row chunks of ``W`` (see ``CHUNK_ELEMENTS``).
+
+    No weight-sized float tensor is ever materialized: the forward dequantizes one chunk of rows at a time into the
+    activation dtype and writes that chunk's output columns; the backward dequantizes each chunk once, adds its
+    share of ``grad_x`` and computes that chunk's weight-gradient rows, which are quantized to int8 right away
+    (or written into the float gradient).
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: QftWeight) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return x @ weight.dequantize(x.dtype).t()
+        x2 = x.reshape(-1, x.shape[-1])
+        out = x2.new_empty(x2.shape[0], weight.shape[0])
+        for r0, r1 in row_chunks(weight.shape[0], weight.shape[1]):
+            torch.mm(x2, weight.dequantize_rows(r0, r1, x.dtype).t(), out=out[:, r0:r1])
+        return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
-        grad_x = grad_w = None
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Under autocast grad_out may be in a lower precision than the saved input: compute in grad_out's dtype.
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ weight.dequantize(grad_out.dtype)).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            # The full weight gradient of this one layer, in the activation dtype; quantized right away if asked.
-            g = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
-            grad_w = Int8Grad.from_float(g, weight.dtype) if weight.int8_grad else g.to(weight.dtype)
-        return grad_x, grad_w
+        go = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).to(go.dtype)
+        # grad_x sums one product per chunk: accumulate in float32 so low-precision runs round once, not per chunk.
+        grad_x = torch.zeros(x2.shape, dtype=torch.float32, device=go.device) if need_x else None
+        int8 = need_w and weight.int8_grad
+        if int8:
+            codes = torch.empty(weight.shape, dtype=torch.int8, device=go.device)
+            scale = torch.empty(weight.shape[0], 1, dtype=torch.float32, device=go.device)
+        elif need_w:
+            grad_w = torch.empty(weight.shape, dtype=go.dtype, device=go.device)
+        for r0, r1 in row_chunks(weight.shape[0], weight.shape[1]):
+            go_rows = go[:, r0:r1]
+            if need_x and go.dtype == torch.float32:
+                grad_x.addmm_(go_rows, weight.dequantize_rows(r0, r1, go.dtype))
+            elif need_x:
+                grad_x.add_(go_rows @ weight.dequantize_rows(r0, r1, go.dtype))
+            if int8:
+                codes[r0:r1], scale[r0:r1] = _quantize_grad_rows(go_rows.t() @ x2)
+            elif need_w:
+                torch.mm(go_rows.t(), x2, out=grad_w[r0:r1])
+        if int8:
+            grad_w = Int8Grad(codes, scale, weight.dtype)
+        elif need_w:
+            grad_w = grad_w.to(weight.dtype)
+        else:
+            grad_w = None
+        return (grad_x.to(x.dtype).view_as(x) if need_x else None), grad_w
 
 
 def qft_linear(x: torch.Tensor, weight: QftWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,0 +1,135 @@
+"""QFT + IntLion training step vs fp32 full fine-tuning with torch AdamW, at real layer sizes, in one run.
+
+    python benchmarks/qft_speed.py [--steps 3 --warmup 1 --threads 1] [--profile qft]
+
+A Llama-shaped model with random weights is built from a config at run time (hidden 2048, intermediate 5632,
+32 heads / 4 KV heads, 2 layers, vocab 32000; nothing is downloaded or committed) and trained on random tokens,
+batch 1 x 256, for each setting in its own subprocess (so each peak RSS is its own). Reported per setting: median
+step time (forward + backward + optimizer step) and peak RSS during training (the high-water mark is reset after the
+model is built, so building/quantizing the float model does not count), and the ratios QFT / AdamW, which are what
+the targets are about (step <= 1.3x, peak training RSS <= 50%).
+
+``--profile SETTING`` instead prints torch.profiler's per-op table (time and memory) of one training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = ("adamw", "qft", "qft-fused")
+LLAMA_SHAPE = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    num_hidden_layers=2,
+    vocab_size=32000,
+    max_position_embeddings=512,
+)
+
+
+def build(setting: str):
+    """``(model, optimizer)`` for ``setting`` on a fresh random Llama-shaped fp32 model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPE))
+    if setting == "adamw":
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-5)
+    from peft import get_peft_model
+
+    import peqa_peft  # noqa: F401  (registers QFT)
+    from peqa_peft import IntLion, QftConfig
+
+    model = get_peft_model(model, QftConfig(task_type="CAUSAL_LM"))
+    return model, IntLion.from_model(model, lr=1e-5, fused=setting == "qft-fused")
+
+
+def _vm_hwm_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def train_step(model, optimizer, ids) -> None:
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def worker(setting: str, steps: int, warmup: int, seq_len: int) -> dict:
+    model, optimizer = build(setting)
+    ids = torch.randint(0, LLAMA_SHAPE["vocab_size"], (1, seq_len), generator=torch.Generator().manual_seed(0))
+    gc.collect()
+    _reset_peak_rss()
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        train_step(model, optimizer, ids)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return {"setting": setting, "step_s": statistics.median(times), "peak_rss": _vm_hwm_bytes()}
+
+
+def profile(setting: str, seq_len: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model, optimizer = build(setting)
+    ids = torch.randint(0, LLAMA_SHAPE["vocab_size"], (1, seq_len), generator=torch.Generator().manual_seed(0))
+    train_step(model, optimizer, ids)  # warm-up: optimizer state allocated
+    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+        train_step(model, optimizer, ids)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    print(prof.key_averages().table(sort_by="self_cpu_memory_usage", row_limit=15))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--profile", choices=SETTINGS, help="print a torch.profiler table of one step instead")
+    parser.add_argument("--worker", choices=SETTINGS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.profile:
+        profile(args.profile, args.seq_len)
+        return
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.steps, args.warmup, args.seq_len)))
+        return
+    results = {}
+    for setting in args.settings:
+        cmd = [sys.executable, __file__, "--worker", setting, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd += ["--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO).stdout
+        results[setting] = json.loads(out.strip().splitlines()[-1])
+    base = results.get("adamw")
+    print("| setting | step (s) | step x AdamW | peak training RSS (GiB) | RSS x AdamW |")
+    print("|---|---:|---:|---:|---:|")
+    for setting, r in results.items():
+        ratio_t = f"{r['step_s'] / base['step_s']:.2f}" if base else "-"
+        ratio_m = f"{r['peak_rss'] / base['peak_rss']:.2f}" if base else "-"
+        print(f"| {setting} | {r['step_s']:.2f} | {ratio_t} | {r['peak_rss'] / 2**30:.2f} | {ratio_m} |")
+
+
+if __name__ == "__main__":
+    main()

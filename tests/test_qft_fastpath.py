@@ -1,0 +1,98 @@
+"""QFT's chunked fast paths against plain dense PyTorch references (forward, every gradient, the IntLion update)."""
+
+import pytest
+import torch
+from torch import nn
+
+from peqa_peft import IntLion
+from peqa_peft.optim import dequantize_blockwise, quantize_blockwise
+from peqa_peft.quant.stochastic import counter_generator
+from peqa_peft.tuners.qft import Int8Grad, QftWeight, qft_linear
+from peqa_peft.tuners.qft import tensor as qft_tensor
+
+
+@pytest.fixture(params=[7, 1 << 30], ids=["many-chunks", "one-chunk"])
+def chunk(request, monkeypatch):
+    """Run the test with tiny chunks (many ranges, ragged ends) and with one chunk per weight."""
+    monkeypatch.setattr(qft_tensor, "CHUNK_ELEMENTS", request.param)
+    return request.param
+
+
+def _weight(out=37, inp=29, int8=True, seed=0) -> nn.Parameter:
+    torch.manual_seed(seed)
+    return nn.Parameter(QftWeight.from_float(torch.randn(out, inp), 0.03, int8_grad=int8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("int8", [True, False])
+def test_linear_matches_dense_reference(chunk, dtype, int8):
+    """Reference: the dense dequantized weight in the activation dtype, through plain autograd."""
+    weight = _weight(int8=int8)
+    dense = weight.dequantize(dtype).clone().requires_grad_(True)
+    x = torch.randn(3, 5, 29, dtype=dtype)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y1 = qft_linear(x1, weight)
+    y2 = x2 @ dense.t()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert y1.dtype == dtype and torch.allclose(y1, y2, atol=tol, rtol=tol)
+    g = torch.randn_like(y2)
+    y1.backward(g)
+    y2.backward(g)
+    assert x1.grad.dtype == dtype and torch.allclose(x1.grad, x2.grad, atol=tol * 4, rtol=tol)
+    if int8:
+        ref = Int8Grad.from_float(dense.grad)
+        assert torch.allclose(weight.grad.scale, ref.scale, rtol=tol)
+        assert (weight.grad.codes.int() - ref.codes.int()).abs().max() <= (0 if dtype == torch.float32 else 2)
+    else:
+        assert weight.grad.dtype == weight.dtype  # a gradient has its param's dtype
+        assert torch.allclose(weight.grad, dense.grad.float(), atol=tol * 4, rtol=tol)
+
+
+def _reference_lion(w: QftWeight, grad: torch.Tensor, m_codes, m_absmax, lr, wd, betas, seed, stream, step):
+    """IntLion's QFT update written densely, from its definition (independent of the chunked implementation)."""
+    g = grad.float()
+    m = dequantize_blockwise(m_codes, m_absmax, w.shape) if m_codes is not None else torch.zeros(w.shape)
+    d = torch.sign(torch.add(m * betas[0], g, alpha=1 - betas[0]))
+    m = torch.add(m * betas[1], g, alpha=1 - betas[1])
+    codes = w.codes.float()
+    update = d * (-lr / w.scale) - lr * wd * (codes - w.zero_point) + codes
+    noise = torch.rand(w.shape, generator=counter_generator(seed, stream, step, w.device))
+    new_codes = torch.floor(update + noise).clamp(0, 255)
+    idx = w.outlier_idx.long()
+    new_codes.view(-1)[idx] = w.zero_point.expand(w.shape).reshape(-1)[idx]
+    vals = w.outlier_val * (1 - lr * wd) - lr * d.view(-1)[idx]
+    return new_codes.to(torch.uint8), vals, *quantize_blockwise(m, 16)
+
+
+@pytest.mark.parametrize("int8", [True, False])
+def test_intlion_update_matches_dense_reference(chunk, int8):
+    weight = _weight(int8=int8)
+    lr, wd, betas = 0.02, 0.1, (0.9, 0.99)
+    optimizer = IntLion([weight], lr=lr, weight_decay=wd, betas=betas, block_size=16, seed=5)
+    m_codes = m_absmax = None
+    for step in range(1, 4):
+        weight.grad = None
+        qft_linear(torch.randn(4, 29), weight).sin().sum().backward()
+        grad = weight.grad.dequantize(torch.float32) if int8 else weight.grad.float()
+        expected = _reference_lion(weight, grad, m_codes, m_absmax, lr, wd, betas, 5, 0, step)
+        optimizer.step()
+        state = optimizer.state[weight]
+        assert torch.equal(weight.codes, expected[0])
+        assert torch.equal(weight.outlier_val, expected[1])
+        assert torch.equal(state["momentum"], expected[2]) and torch.equal(state["momentum_absmax"], expected[3])
+        m_codes, m_absmax = state["momentum"], state["momentum_absmax"]
+
+
+def test_float_params_update_matches_dense_reference(chunk):
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(41, 3))
+    ref = p.detach().clone()
+    optimizer = IntLion([p], lr=0.01, weight_decay=0.1, block_size=16)
+    m = torch.zeros_like(ref)
+    for _ in range(3):
+        p.grad = torch.randn_like(ref)
+        d = torch.sign(0.9 * m + 0.1 * p.grad)
+        m = dequantize_blockwise(*quantize_blockwise(0.99 * m + 0.01 * p.grad, 16), ref.shape)
+        ref = ref * (1 - 0.01 * 0.1) - 0.01 * d
+        optimizer.step()
+        assert torch.allclose(p.detach(), ref, atol=1e-7)
