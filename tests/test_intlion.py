@@ -10,7 +10,7 @@ from lion_pytorch import Lion
 from peft import get_peft_model
 from torch import nn
 
-import peqa_peft  # noqa: F401
+import peqa_peft
 from peqa_peft import IntLion, QftConfig
 from peqa_peft.optim import dequantize_blockwise, quantize_blockwise
 from peqa_peft.tuners.qft import QftWeight
@@ -187,3 +187,94 @@ def test_trainer_factory_protocol():
     assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError):
         IntLion.trainer_factory(lr=-1.0)
+
+
+# ---------------------------------------------------------------- non-finite gradients (issue 11 item 1)
+
+
+def _nan_guard_model(kind: str):
+    if kind == "qft":
+        return _qft()
+    from peqa_peft import PeqaConfig
+
+    return get_peft_model(tiny_llama(), PeqaConfig(bits=4, target_modules="all-linear"))  # Δs: float params
+
+
+def _poisoned_step(model, optimizer, value: float) -> None:
+    """One step whose loss is non-finite: one input embedding row is ``value`` during forward/backward."""
+    emb = model.get_input_embeddings().weight
+    saved = emb.data[5].clone()
+    emb.data[5] = value
+    ids = torch.full((2, 12), 5, dtype=torch.long)
+    model(input_ids=ids, labels=ids).loss.backward()
+    emb.data[5] = saved
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _trainable_snapshot(model) -> list[torch.Tensor]:
+    return [
+        (p.codes.clone() if isinstance(p, QftWeight) else p.detach().clone())
+        for p in model.parameters()
+        if p.requires_grad
+    ]
+
+
+@pytest.mark.parametrize("kind", ["qft", "peqa"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_step_is_skipped_and_training_goes_on(kind, value):
+    """Issue 11's repro: after one NaN step every trainable tensor must still move, exactly as if it never happened."""
+    model, control = _nan_guard_model(kind), _nan_guard_model(kind)
+    optimizer, control_opt = IntLion(model.parameters(), lr=2e-3), IntLion(control.parameters(), lr=2e-3)
+    _qft_steps(model, optimizer, 1, seed=1)
+    _qft_steps(control, control_opt, 1, seed=1)
+    before = _trainable_snapshot(model)
+    states = copy.deepcopy(optimizer.state_dict()["state"])
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        _poisoned_step(model, optimizer, value)
+    assert all(torch.equal(a, b) for a, b in zip(_trainable_snapshot(model), before))
+    for i, state in optimizer.state_dict()["state"].items():
+        assert state["skipped_steps"] == 1 and state["consecutive_skips"] == 1
+        assert all(torch.equal(state[k], v) for k, v in states[i].items() if isinstance(v, torch.Tensor))
+        assert state["step"] == states[i]["step"]
+    losses = _qft_steps(model, optimizer, 3, seed=2)
+    assert losses == _qft_steps(control, control_opt, 3, seed=2)  # bit-identical to the run without the bad step
+    after = _trainable_snapshot(model)
+    assert all(not torch.equal(a, b) for a, b in zip(after, before))  # every trainable tensor moved
+    assert all(torch.equal(a, b) for a, b in zip(after, _trainable_snapshot(control)))
+    for state in optimizer.state.values():
+        assert state["consecutive_skips"] == 0
+        assert all(torch.isfinite(v.float()).all() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def test_skip_of_one_param_leaves_the_others_updating():
+    model = _float_model()
+    optimizer = IntLion(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 16)).sum().backward()
+    first = next(model.parameters())
+    first.grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match=r"\(1 of 4\)"):
+        optimizer.step()
+    moved = [not torch.equal(p, b) for p, b in zip(model.parameters(), before)]
+    assert moved == [False, True, True, True]
+    assert "momentum" not in optimizer.state[first]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_consecutive_non_finite_steps_raise(fused):
+    model = _qft()
+    optimizer = IntLion(model.parameters(), lr=2e-3, max_consecutive_skips=2, fused=fused)
+    with pytest.warns(RuntimeWarning):
+        _poisoned_step(model, optimizer, float("nan"))
+    _qft_steps(model, optimizer, 1)  # a clean step resets the count
+    with pytest.warns(RuntimeWarning):
+        _poisoned_step(model, optimizer, float("nan"))
+    with pytest.raises(peqa_peft.optim.NonFiniteGradientError, match="2 consecutive steps"):
+        _poisoned_step(model, optimizer, float("nan"))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_max_consecutive_skips(bad):
+    with pytest.raises(ValueError, match="max_consecutive_skips"):
+        IntLion(_float_model().parameters(), max_consecutive_skips=bad)
