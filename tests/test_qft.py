@@ -95,6 +95,76 @@ def test_reselect_outliers_keeps_grid_and_picks_largest():
     assert ((after - before).abs() <= q.scale / 2 + 1e-7).all()
 
 
+def _moves_in_half_steps(before: torch.Tensor, after: torch.Tensor, q: QftWeight) -> torch.Tensor:
+    return (after - before).abs() / q.scale
+
+
+def test_reselect_outliers_never_clamps_an_outlier_outside_its_grid():
+    """Issue 12's repro: a shrunk outlier that is still outside its row's grid must keep its value."""
+    q = QftWeight.from_float(torch.tensor([[1.0, 0.1, -0.1, 0.02], [0.5, 0.4, -0.4, 0.02]]), 0.125)
+    q.outlier_val.fill_(0.45)  # now smaller than w[1, 0] = 0.5, but far outside row 0's grid [-0.1, 0.1]
+    before = q.dequantize()
+    q.reselect_outliers_()
+    assert torch.equal(q.dequantize(), before)
+
+
+def _demo_weights(names=("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")):
+    from safetensors.torch import load_file
+
+    state = load_file(DEMO_LLAMA / "model.safetensors")
+    return [state[name] for name in names]
+
+
+def test_reselect_outliers_on_real_weights_moves_nothing_more_than_half_a_step():
+    torch.manual_seed(0)
+    for w in _demo_weights():
+        q = QftWeight.from_float(w, 0.01)
+        rows = q.outlier_idx.long() // w.shape[1]
+        steps = q.outlier_val / q.scale[rows, 0] + q.zero_point[rows, 0]
+        outside = (steps < -0.5) | (steps > 255.5)
+        assert outside.float().mean() > 0.9  # real outliers lie far outside their rows' grids
+        # Training shrinks some outliers and grows some dense entries: the top-k set changes.
+        q.outlier_val.mul_(torch.empty_like(q.outlier_val).uniform_(0.3, 1.0))
+        before = q.dequantize()
+        old_idx = q.outlier_idx.clone()
+        q.reselect_outliers_()
+        after = q.dequantize()
+        assert not torch.equal(q.outlier_idx, old_idx)  # the refresh did swap entries
+        assert _moves_in_half_steps(before, after, q).max() <= 0.5 + 1e-4
+        # every entry is either an exact outlier or exactly on its row's grid
+        dense = after.clone().view(-1)
+        dense[q.outlier_idx.long()] = 0
+        grid = dense.view_as(after) / q.scale + q.zero_point
+        assert torch.allclose(grid, grid.round(), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_intlion_refresh_moves_no_weight_more_than_half_a_step(demo_model, monkeypatch):
+    """A real IntLion run with frequent refreshes: record the largest move any refresh makes."""
+    model = get_peft_model(
+        demo_model, QftConfig(target_modules=["q_proj", "down_proj"], outlier_refresh_steps=2, task_type="CAUSAL_LM")
+    )
+    worst, swapped = [], []
+    original = QftWeight.reselect_outliers_
+
+    def measured(self):
+        before, idx = self.dequantize(torch.float32), self.outlier_idx.clone()
+        original(self)
+        worst.append(_moves_in_half_steps(before, self.dequantize(torch.float32), self).max().item())
+        swapped.append(int((self.outlier_idx != idx).sum()))
+
+    monkeypatch.setattr(QftWeight, "reselect_outliers_", measured)
+    optimizer = IntLion(model.parameters(), lr=5e-3)
+    ids = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
+    for _ in range(4):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    n_weights = sum(isinstance(p, QftWeight) for p in model.parameters())
+    assert len(worst) == 2 * n_weights and sum(swapped) > 0
+    assert max(worst) <= 0.5 + 1e-4
+
+
 # ---------------------------------------------------------------- gradient flow
 
 

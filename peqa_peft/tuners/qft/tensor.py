@@ -232,18 +232,22 @@ class QftWeight(torch.Tensor):
 
     @torch.no_grad()
     def reselect_outliers_(self) -> None:
-        """Make the currently largest-magnitude entries the outliers, keeping the per-channel grid fixed.
+        """Re-pick the float outliers among the largest entries without moving any weight off its grid.
 
-        Entries that leave the outlier set are rounded onto the (unchanged) int8 grid; entries that join it are
-        exact already, so only the leavers incur a rounding error.
+        The per-channel grid stays fixed. An entry can leave the outlier set only if its value lies inside its row's
+        grid, so rounding it onto the grid moves it by at most half a step; outliers outside their row's grid (the
+        usual case right after quantization) stay outliers. The remaining slots go to the largest-magnitude entries;
+        those that join are exact already. So the refresh moves no weight by more than half a step of its row's grid.
         """
         k = self.num_outliers
         if not k:
             return
         w = self.dequantize(torch.float32)
-        idx = torch.topk(w.abs().flatten(), k, sorted=False).indices.sort().values
-        codes = torch.round(w / self.scale + self.zero_point).clamp_(0, _MAXQ)
-        codes.view(-1)[idx] = self.zero_point.expand_as(codes).reshape(-1)[idx]
+        codes = torch.round(w / self.scale).add_(self.zero_point)  # unclamped: outside [0, 255] means "does not fit"
+        score = w.abs()
+        score[(codes < 0) | (codes > _MAXQ)] = float("inf")  # must stay outliers (only outliers can be outside)
+        idx = torch.topk(score.flatten(), k, sorted=False).indices.sort().values
+        codes.clamp_(0, _MAXQ).view(-1)[idx] = self.zero_point.expand_as(codes).reshape(-1)[idx]
         self.outlier_val.copy_(w.view(-1)[idx])
         self.outlier_idx.copy_(idx)
         self.codes.copy_(codes)
