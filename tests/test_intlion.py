@@ -133,6 +133,32 @@ def test_lr_below_one_step_moves_weights_by_lr_on_average():
     assert moved == pytest.approx(0.25 * step, rel=0.1)
 
 
+@pytest.mark.parametrize("push", [1.0, -1.0])
+def test_edge_codes_get_their_update(push):
+    """The sub-step experiment: codes at 0/255 pushed outward must move by lr on average, like every other code."""
+    torch.manual_seed(0)
+    w = nn.Parameter(QftWeight.from_float(torch.randn(64, 256), outlier_fraction=0.01))
+    lr = 0.25 * w.scale.mean().item()
+    optimizer = IntLion([w], lr=lr)
+    edge = (w.codes == (255 if push > 0 else 0)).view(-1)
+    edge[w.outlier_idx.long()] = False
+    assert edge.sum() >= 64  # min-max grids put codes at both edges of every row
+    start = w.dequantize().clone()
+    steps = 8
+    for _ in range(steps):
+        w.grad = torch.full((64, 256), -push)  # direction -push: every weight moves by +push * lr per step
+        optimizer.step()
+    moved = ((w.dequantize() - start) * push).view(-1)
+    assert moved[edge].mean() >= 0.95 * steps * lr
+    assert moved.mean() == pytest.approx(steps * lr, rel=0.05)
+    # the widened grids still hold every dense entry exactly, with integer zero-points
+    assert torch.equal(w.zero_point, w.zero_point.round())
+    dense = w.dequantize().view(-1).clone()
+    dense[w.outlier_idx.long()] = 0
+    grid = dense.view(64, 256) / w.scale + w.zero_point
+    assert torch.allclose(grid, grid.round(), atol=1e-3)
+
+
 def test_resume_from_state_dict_is_bit_identical():
     model = _qft(outlier_refresh_steps=2)
     optimizer = IntLion(model.parameters(), lr=2e-3, seed=7)

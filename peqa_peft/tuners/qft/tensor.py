@@ -211,24 +211,59 @@ class QftWeight(torch.Tensor):
         """Apply ``W <- W - lr * (direction + weight_decay * W)`` to rows ``r0:r1`` (``direction``: those rows).
 
         In code units the dense update is ``-(lr / s) * direction - lr * weight_decay * (q - z)`` per entry; it is
-        stochastically rounded to whole steps (unbiased, so sub-step learning rates still move weights on average)
-        and clamped to ``[0, 255]``. Outliers take the same update exactly, in float. Called on consecutive row
-        ranges, the rounding noise drawn from ``generator`` is the same as for one call on the whole weight.
+        stochastically rounded to whole steps (unbiased, so sub-step learning rates still move weights on average).
+        A row whose updated codes would leave ``[0, 255]`` first gets a wider grid (``_refit_overflowing_rows_``), so
+        no update is lost to clamping at the edges. Outliers take the same update exactly, in float. Called on
+        consecutive row ranges, the rounding noise drawn from ``generator`` is the same as for one call on the whole
+        weight.
         """
         codes = self.codes[r0:r1].float()
         update = direction.float() * (-lr / self.scale[r0:r1])
         if weight_decay:
             update.add_(codes - self.zero_point[r0:r1], alpha=-lr * weight_decay)
-        update.add_(codes)
+        update.add_(codes)  # the updated weight in (fractional) code units
+        lo, hi = self._outlier_range(r0, r1)
+        local = self.outlier_idx[lo:hi].long() - r0 * self.shape[1] if hi > lo else None
+        if local is not None:  # outlier slots hold the zero point; their value lives in float
+            update.view(-1)[local] = self.zero_point[r0:r1].expand_as(update).reshape(-1)[local]
+        self._refit_overflowing_rows_(r0, update)
         noise = torch.rand(update.shape, generator=generator, device=update.device, dtype=torch.float32)
         codes = noise.add_(update).floor_().clamp_(0, _MAXQ)  # stochastic rounding: floor(x + U[0, 1))
-        lo, hi = self._outlier_range(r0, r1)
-        if hi > lo:
-            local = self.outlier_idx[lo:hi].long() - r0 * self.shape[1]
-            codes.view(-1)[local] = self.zero_point[r0:r1].expand_as(codes).reshape(-1)[local]
+        if local is not None:
             outliers = self.outlier_val[lo:hi]
             outliers.mul_(1.0 - lr * weight_decay).sub_(direction.reshape(-1)[local].float(), alpha=lr)
         self.codes[r0:r1].copy_(codes)
+
+    @torch.no_grad()
+    def _refit_overflowing_rows_(self, r0: int, update: torch.Tensor) -> None:
+        """Widen the grid of every row whose updated codes ``update`` (rows ``r0:``) leave ``[0, 255]``.
+
+        Without this an edge code (0 or 255) pushed outward is clamped and loses its update. The row gets the
+        narrowest grid with an integer zero-point that holds all its updated values, and ``update`` is rewritten in
+        the new code units (same weights, exactly); the stochastic rounding that follows is unbiased, so every entry
+        of the row, edge codes included, moves by its update on average. Rows that fit are untouched.
+        """
+        lo, hi = update.amin(dim=1, keepdim=True), update.amax(dim=1, keepdim=True)
+        rows = ((lo < 0) | (hi > _MAXQ)).view(-1).nonzero().view(-1)
+        if not rows.numel():
+            return
+        scale, zero = self.scale[r0 + rows], self.zero_point[r0 + rows]
+        below = zero - lo[rows].clamp(max=0)  # steps of the old grid needed below / above the zero-point
+        above = hi[rows].clamp(min=_MAXQ) - zero
+        split = below * _MAXQ / (below + above)
+        best_scale, best_zero = torch.full_like(scale, float("inf")), zero.clone()
+        for candidate in (split.floor(), split.ceil()):
+            z = candidate.clamp(0, _MAXQ)
+            need_lo = torch.where(z > 0, below / z.clamp(min=1), torch.where(below > 0, float("inf"), 0.0))
+            need_hi = torch.where(
+                z < _MAXQ, above / (_MAXQ - z).clamp(min=1), torch.where(above > 0, float("inf"), 0.0)
+            )
+            s = scale * torch.maximum(need_lo, need_hi) * (1 + 1e-6)  # margin for float rounding at the ends
+            better = s < best_scale
+            best_scale, best_zero = torch.where(better, s, best_scale), torch.where(better, z, best_zero)
+        update[rows] = (update[rows] - zero) * (scale / best_scale) + best_zero
+        self.scale[r0 + rows] = best_scale
+        self.zero_point[r0 + rows] = best_zero
 
     @torch.no_grad()
     def reselect_outliers_(self) -> None:
