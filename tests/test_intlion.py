@@ -1,6 +1,7 @@
 """IntLion: float-Lion reference, integer invariants, exact resume, clipping, fused mode and Trainer factory."""
 
 import copy
+import gc
 import io
 
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 import peqa_peft
 from peqa_peft import IntLion, QftConfig
 from peqa_peft.optim import dequantize_blockwise, quantize_blockwise
-from peqa_peft.tuners.qft import QftWeight
+from peqa_peft.tuners.qft import Int8Grad, QftWeight
 
 
 def _float_model(seed: int = 0) -> nn.Module:
@@ -159,23 +160,66 @@ def test_edge_codes_get_their_update(push):
     assert torch.allclose(grid, grid.round(), atol=1e-3)
 
 
-def test_resume_from_state_dict_is_bit_identical():
-    model = _qft(outlier_refresh_steps=2)
+def _resume_run(dtype: torch.dtype, stock_load: bool = False):
+    """Train 3 steps, checkpoint, train 3 more; resume a fresh model from the checkpoint and train the same 3."""
+    model = _qft(outlier_refresh_steps=2, modules_to_save=["lm_head"]).to(dtype)
     optimizer = IntLion(model.parameters(), lr=2e-3, seed=7)
     _qft_steps(model, optimizer, 3)
     saved_model = copy.deepcopy({k: v.clone() for k, v in model.state_dict().items()})
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
     expected = _qft_steps(model, optimizer, 3, seed=9)
-    expected_codes = [w.codes.clone() for w in _weights(model)]
+    expected_params = [
+        p.detach().clone() for p in model.parameters() if p.requires_grad and not isinstance(p, QftWeight)
+    ]
 
-    fresh = _qft(seed=1, outlier_refresh_steps=2)  # different init, overwritten by the checkpoint
+    fresh = _qft(seed=1, outlier_refresh_steps=2, modules_to_save=["lm_head"]).to(dtype)  # overwritten below
     fresh.load_state_dict(saved_model)
     fresh_opt = IntLion(fresh.parameters(), lr=2e-3, seed=0)
     buffer.seek(0)
-    fresh_opt.load_state_dict(torch.load(buffer, weights_only=True))
-    assert _qft_steps(fresh, fresh_opt, 3, seed=9) == expected
-    assert all(torch.equal(a.codes, b) for a, b in zip(_weights(fresh), expected_codes))
+    state = torch.load(buffer, weights_only=True)
+    (torch.optim.Optimizer.load_state_dict if stock_load else IntLion.load_state_dict)(fresh_opt, state)
+    got = _qft_steps(fresh, fresh_opt, 3, seed=9)
+    same_codes = all(torch.equal(a.codes, b.codes) for a, b in zip(_weights(fresh), _weights(model)))
+    params = [p.detach() for p in fresh.parameters() if p.requires_grad and not isinstance(p, QftWeight)]
+    same_params = all(torch.equal(a, b) for a, b in zip(params, expected_params))
+    return got == expected and same_codes and same_params
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_from_state_dict_is_bit_identical(dtype):
+    assert _resume_run(dtype)
+
+
+def test_stock_load_state_dict_breaks_bf16_resume():
+    """Guard of the test above: torch's own load_state_dict casts the float32 momentum scales to bf16."""
+    assert not _resume_run(torch.bfloat16, stock_load=True)
+
+
+def _grad_norm(params) -> float:
+    """The total L2 norm of the gradients, from scratch in float64 (int8 gradients dequantized)."""
+    total = 0.0
+    for p in params:
+        g = p.grad.dequantize(torch.float64) if isinstance(p.grad, Int8Grad) else p.grad.double()
+        total += g.square().sum().item()
+    return total**0.5
+
+
+@pytest.mark.parametrize("int8", [True, False])
+def test_clipping_is_exact(int8):
+    """After clip_grad_norm_, the gradients' total norm is max_norm (int8 gradients: only the row scales change)."""
+    model = _qft(modules_to_save=["lm_head"], int8_gradients=int8)
+    _lm_loss(model, torch.Generator().manual_seed(0)).backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    assert any(isinstance(p, QftWeight) for p in params) and any(not isinstance(p, QftWeight) for p in params)
+    norm = _grad_norm(params)
+    codes = [p.grad.codes.clone() for p in params if isinstance(p.grad, Int8Grad)]
+    returned = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=norm / 10)
+    assert returned.item() == pytest.approx(norm, rel=1e-5)
+    assert _grad_norm(params) == pytest.approx(norm / 10, rel=1e-5)
+    assert all(
+        torch.equal(a, p.grad.codes) for a, p in zip(codes, [p for p in params if isinstance(p.grad, Int8Grad)])
+    )
 
 
 def test_clipping_changes_the_update_when_the_norm_exceeds_the_limit():
@@ -189,6 +233,33 @@ def test_clipping_changes_the_update_when_the_norm_exceeds_the_limit():
     unclipped, huge_limit, clipped = run(0.0), run(1e9), run(1e-3)
     assert all(torch.equal(a, b) for a, b in zip(unclipped, huge_limit))
     assert any(not torch.equal(a, b) for a, b in zip(unclipped, clipped))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_no_float_copy_of_any_targeted_weight_after_training(fused):
+    """Scan every live tensor (gc) for a float tensor shaped like a targeted weight: QFT keeps no master copy."""
+    torch.manual_seed(0)
+    # shapes chosen so that no other float tensor of the model (embeddings, head, norms) shares a linear's shape
+    base = tiny_llama(hidden_size=48, intermediate_size=80, vocab_size=96, num_attention_heads=4)
+    model = get_peft_model(base, QftConfig(target_modules="all-linear"))
+    shapes = {tuple(w.shape) for w in _weights(model)}
+    shapes |= {s[::-1] for s in shapes}
+    optimizer = IntLion(model.parameters(), lr=2e-3, fused=fused)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        ids = torch.randint(0, 96, (2, 12), generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    if not fused:
+        model(input_ids=ids, labels=ids).loss.backward()  # gradients resident, as when Trainer clips them
+    gc.collect()
+    found = [
+        tuple(obj.shape)
+        for obj in gc.get_objects()
+        if type(obj) in (torch.Tensor, nn.Parameter) and obj.is_floating_point() and tuple(obj.shape) in shapes
+    ]
+    assert not found, found
+    assert all(isinstance(w.grad, Int8Grad) for w in _weights(model)) != fused
 
 
 def test_fused_mode_matches_standard_and_holds_no_gradients():
