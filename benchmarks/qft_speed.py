@@ -1,6 +1,6 @@
 """QFT + IntLion training step vs fp32 full fine-tuning with torch AdamW, at real layer sizes, in one run.
 
-    python benchmarks/qft_speed.py [--steps 3 --warmup 1 --threads 1] [--profile qft]
+    python benchmarks/qft_speed.py [--steps 3 --warmup 1 --threads 1 --rounds 1] [--profile qft]
 
 A Llama-shaped model with random weights is built from a config at run time (hidden 2048, intermediate 5632,
 32 heads / 4 KV heads, 2 layers, vocab 32000; nothing is downloaded or committed) and trained on random tokens,
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="run every setting this many times, in turn")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--profile", choices=SETTINGS, help="print a torch.profiler table of one step instead")
     parser.add_argument("--worker", choices=SETTINGS, help=argparse.SUPPRESS)
@@ -116,19 +117,26 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.warmup, args.seq_len)))
         return
-    results = {}
-    for setting in args.settings:
-        cmd = [sys.executable, __file__, "--worker", setting, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        cmd += ["--seq-len", str(args.seq_len), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO).stdout
-        results[setting] = json.loads(out.strip().splitlines()[-1])
-    base = results.get("adamw")
+    runs: dict[str, list[dict]] = {setting: [] for setting in args.settings}
+    for _ in range(args.rounds):  # settings take turns, so a drift in machine speed hits all of them alike
+        for setting in args.settings:
+            cmd = [sys.executable, __file__, "--worker", setting, "--steps", str(args.steps)]
+            cmd += ["--warmup", str(args.warmup), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO).stdout
+            runs[setting].append(json.loads(out.strip().splitlines()[-1]))
+    print(
+        f"{args.rounds} round(s) of {args.steps} timed step(s) after {args.warmup} warm-up, {args.threads} thread(s)"
+    )
     print("| setting | step (s) | step x AdamW | peak training RSS (GiB) | RSS x AdamW |")
     print("|---|---:|---:|---:|---:|")
-    for setting, r in results.items():
-        ratio_t = f"{r['step_s'] / base['step_s']:.2f}" if base else "-"
-        ratio_m = f"{r['peak_rss'] / base['peak_rss']:.2f}" if base else "-"
-        print(f"| {setting} | {r['step_s']:.2f} | {ratio_t} | {r['peak_rss'] / 2**30:.2f} | {ratio_m} |")
+    base = runs.get("adamw")
+    for setting, rs in runs.items():
+        step, rss = statistics.median(r["step_s"] for r in rs), statistics.median(r["peak_rss"] for r in rs)
+        # ratios are taken round by round (same machine state), then the median
+        ratio_t = statistics.median(r["step_s"] / b["step_s"] for r, b in zip(rs, base)) if base else None
+        ratio_m = statistics.median(r["peak_rss"] / b["peak_rss"] for r, b in zip(rs, base)) if base else None
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"| {setting} | {step:.2f} | {fmt(ratio_t)} | {rss / 2**30:.2f} | {fmt(ratio_m)} |")
 
 
 if __name__ == "__main__":
