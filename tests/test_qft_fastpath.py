@@ -7,16 +7,15 @@ import torch
 from torch import nn
 
 from peqa_peft import IntLion
-from peqa_peft.optim import dequantize_blockwise, quantize_blockwise
+from peqa_peft.optim import chunks, dequantize_blockwise, quantize_blockwise
 from peqa_peft.quant.stochastic import counter_generator
 from peqa_peft.tuners.qft import Int8Grad, QftWeight, qft_linear
-from peqa_peft.tuners.qft import tensor as qft_tensor
 
 
 @pytest.fixture(params=[7, 1 << 30], ids=["many-chunks", "one-chunk"])
 def chunk(request, monkeypatch):
     """Run the test with tiny chunks (many ranges, ragged ends) and with one chunk per weight."""
-    monkeypatch.setattr(qft_tensor, "CHUNK_ELEMENTS", request.param)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", request.param)
     return request.param
 
 

@@ -14,15 +14,20 @@ memory goal -- or have the wrong shape, making Trainer's grad norm, clipping and
 
 The update
 ----------
-For every param with a gradient ``g`` (float32 math, one tensor at a time)::
+For every param with a gradient ``g`` (float32 math, :func:`lion_direction_`)::
 
     c = beta1 * m + (1 - beta1) * g ;  d = sign(c) ;  m <- beta2 * m + (1 - beta2) * g
 
 - float params: ``p <- p * (1 - lr * wd) - lr * d`` (plain Lion with decoupled weight decay);
-- QFT weights: the same update in units of each row's quantization step ``s``: the codes move by
-  ``-(lr / s) * d - lr * wd * (q - z)`` steps, stochastically rounded to whole steps (unbiased, so a learning rate
-  below one step still moves the weight by ``lr`` on average) and clamped to ``[0, 255]``; outliers take the float
-  update. Every ``outlier_refresh_steps`` steps of a weight its outlier set is re-selected.
+- integer weights apply ``W <- W - lr * (d + wd * W)`` themselves: any param with a ``lion_update_rows_(r0, r1,
+  direction, lr, weight_decay, generator)`` method (QFT's ``QftWeight``: codes move by ``-(lr / s) * d - lr * wd *
+  (q - z)`` steps, stochastically rounded, rows re-fitted instead of clamped at the grid's edges, outliers in float),
+  and, if it has ``refresh_every``, ``reselect_outliers_()`` every that many steps. The optimizer does not import
+  the weight type. A gradient with ``dequantize_rows``/``is_finite`` (QFT's ``Int8Grad``) is read row range by row
+  range.
+
+Weight-sized work runs over row chunks of about ``peqa_peft.optim.chunks.CHUNK_ELEMENTS`` entries, so every
+temporary stays in cache and none is weight-sized; results do not depend on the chunk size.
 
 The rounding noise of weight ``i`` at step ``t`` comes from a generator seeded by ``(seed, i, t)``, so it is
 reproducible and a resumed run draws the same numbers as an uninterrupted one without saving generator state.
@@ -60,8 +65,8 @@ import torch
 from torch import nn
 
 from ..quant.stochastic import counter_generator
-from ..tuners.qft.tensor import row_chunks
 from .blockwise import dequantize_blocks, dequantize_blockwise, quantize_blocks, quantize_blockwise
+from .chunks import row_chunks
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 

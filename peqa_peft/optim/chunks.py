@@ -1,0 +1,27 @@
+"""Row chunks: how QFT's weight-sized work is cut into cache-sized pieces (shared by the weight type and IntLion)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+# Weight-sized work (dequantize, weight gradient + its int8 quantization, the optimizer update) runs over row chunks
+# of about this many entries: every temporary of a chunk stays in the CPU's L2 cache and comes from the allocator's
+# free lists, instead of each elementwise pass streaming a fresh weight-sized tensor through memory (page faults
+# included). Measured by benchmarks/qft_speed.py; the results do not depend on it (tests vary it).
+CHUNK_ELEMENTS = 1 << 18
+
+
+def row_chunks(rows: int, row_len: int, align: int = 1) -> Iterator[tuple[int, int]]:
+    """Consecutive ``(r0, r1)`` row ranges of about ``CHUNK_ELEMENTS`` entries covering ``rows`` rows.
+
+    Every range starts at a flat offset ``r0 * row_len`` that is a multiple of ``align`` (the optimizer's momentum
+    block size), so a chunk holds whole momentum blocks (the last one may be partial at the tensor's end).
+    """
+    step = align // math.gcd(row_len, align)
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, row_len * step)) * step
+    for r0 in range(0, rows, per_chunk):
+        yield r0, min(rows, r0 + per_chunk)
+
+
+__all__ = ["CHUNK_ELEMENTS", "row_chunks"]
