@@ -4,8 +4,17 @@ from ...peft_integration import register_method
 from .config import QftConfig
 from .layer import Linear, QftLayer
 from .model import QftModel
-from .tensor import Int8Grad, QftWeight, qft_linear
+from .tensor import Int8Grad, QftWeight, allow_dense_fallback, qft_linear
 
 register_method("qft", QftConfig, QftModel)
 
-__all__ = ["Int8Grad", "Linear", "QftConfig", "QftLayer", "QftModel", "QftWeight", "qft_linear"]
+__all__ = [
+    "Int8Grad",
+    "Linear",
+    "QftConfig",
+    "QftLayer",
+    "QftModel",
+    "QftWeight",
+    "allow_dense_fallback",
+    "qft_linear",
+]

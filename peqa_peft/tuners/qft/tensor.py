@@ -13,12 +13,16 @@ only storage is integer codes plus small float side tensors:
   ops PyTorch applies to gradients: accumulation (``add_``, gradient accumulation), norms and in-place scaling
   (``clip_grad_norm_``, where scaling only multiplies the row scales, so clipping is exact).
 
-Any other op on either tensor falls back to computing on the dequantized float tensor (out of place), and in-place
-ops that are not implemented raise, so nothing silently writes into a temporary.
+Each supported op has its own handler. Any other op raises ``NotImplementedError`` instead of silently computing on
+a dequantized float copy; inside ``allow_dense_fallback()`` out-of-place ops run on dequantized copies (with one
+warning per op). Both types implement ``__tensor_flatten__`` / ``__tensor_unflatten__``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
@@ -48,10 +52,36 @@ def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
+_DENSE_FALLBACK = {"allowed": False, "warned": set()}
+
+
+@contextlib.contextmanager
+def allow_dense_fallback() -> Iterator[None]:
+    """Within this block, ops without a handler run on dequantized copies (warning once per op) instead of raising.
+
+    Every op QFT needs has its own handler; anything else would silently materialize the float weight (or
+    gradient), defeating QFT's memory savings and hiding bugs, so by default it raises.
+    """
+    previous = _DENSE_FALLBACK["allowed"]
+    _DENSE_FALLBACK["allowed"] = True
+    try:
+        yield
+    finally:
+        _DENSE_FALLBACK["allowed"] = previous
+
+
 def _rewrap_fallback(cls: type, func: Any, args: tuple, kwargs: dict) -> Any:
-    """Run ``func`` on dequantized copies; refuse in-place ops, whose result would be lost."""
+    """Refuse ``func`` (no handler), or run it on dequantized copies inside ``allow_dense_fallback()``."""
     if func._schema.is_mutable:
         raise NotImplementedError(f"{cls.__name__} does not support the in-place op {func}; dequantize() it first")
+    if not _DENSE_FALLBACK["allowed"]:
+        raise NotImplementedError(
+            f"{cls.__name__} has no handler for {func}: it would run on a dequantized dense copy. Call .dequantize() "
+            "explicitly, or wrap the call in peqa_peft.tuners.qft.allow_dense_fallback()."
+        )
+    if (cls, func) not in _DENSE_FALLBACK["warned"]:
+        _DENSE_FALLBACK["warned"].add((cls, func))
+        warnings.warn(f"{cls.__name__}: {func} runs on a dequantized dense copy", RuntimeWarning, stacklevel=3)
 
     def unwrap(t: Any) -> Any:
         return t.dequantize() if isinstance(t, (QftWeight, Int8Grad)) else t
@@ -95,6 +125,20 @@ class QftWeight(torch.Tensor):
         self.refresh_every = refresh_every
 
     __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __tensor_flatten__(self) -> tuple[list[str], dict[str, Any]]:
+        """Inner tensors and constant metadata (the protocol torch.compile, FSDP2 and DCP use for subclasses)."""
+        return list(WEIGHT_FIELDS), {
+            "dtype": self.dtype,
+            "int8_grad": self.int8_grad,
+            "refresh_every": self.refresh_every,
+        }
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict[str, torch.Tensor], meta: dict[str, Any], outer_size, outer_stride):
+        return QftWeight(
+            *(inner[name] for name in WEIGHT_FIELDS), meta["dtype"], meta["int8_grad"], meta["refresh_every"]
+        )
 
     @classmethod
     @torch.no_grad()
@@ -309,6 +353,13 @@ class Int8Grad(torch.Tensor):
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
+    def __tensor_flatten__(self) -> tuple[list[str], dict[str, Any]]:
+        return ["codes", "scale"], {"dtype": self.dtype}
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict[str, torch.Tensor], meta: dict[str, Any], outer_size, outer_stride):
+        return Int8Grad(inner["codes"], inner["scale"], meta["dtype"])
+
     @classmethod
     @torch.no_grad()
     def from_float(cls, grad: torch.Tensor, dtype: Optional[torch.dtype] = None) -> Int8Grad:
@@ -450,4 +501,4 @@ def qft_linear(x: torch.Tensor, weight: QftWeight, bias: Optional[torch.Tensor] 
     return out if bias is None else out + bias.to(out.dtype)
 
 
-__all__ = ["WEIGHT_FIELDS", "Int8Grad", "QftWeight", "qft_linear"]
+__all__ = ["WEIGHT_FIELDS", "Int8Grad", "QftWeight", "allow_dense_fallback", "qft_linear"]
