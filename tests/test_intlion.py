@@ -330,6 +330,7 @@ def test_non_finite_step_is_skipped_and_training_goes_on(kind, value):
     with pytest.warns(RuntimeWarning, match="non-finite gradient"):
         _poisoned_step(model, optimizer, value)
     assert all(torch.equal(a, b) for a, b in zip(_trainable_snapshot(model), before))
+    assert optimizer.skipped_steps == len(optimizer.state) > 0
     for i, state in optimizer.state_dict()["state"].items():
         assert state["skipped_steps"] == 1 and state["consecutive_skips"] == 1
         assert all(torch.equal(state[k], v) for k, v in states[i].items() if isinstance(v, torch.Tensor))

@@ -241,6 +241,11 @@ class IntLion(torch.optim.Optimizer):
             self._report_skips(skipped, total)
         return loss
 
+    @property
+    def skipped_steps(self) -> int:
+        """How many param updates were skipped for non-finite gradients so far (summed over params; resumable)."""
+        return sum(state.get("skipped_steps", 0) for state in self.state.values())
+
     def _report_skips(self, streams: list[int], total: int) -> None:
         """Warn about the params skipped in this step; raise when one was skipped too often in a row."""
         params = [p for group in self.param_groups for p in group["params"]]
