@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,6 +80,45 @@ def check_model_config(model_config, seq_len: int) -> None:
     max_pos = getattr(model_config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         raise ValueError(f"seq_len={seq_len} exceeds the model's context length (max_position_embeddings={max_pos})")
+
+
+def check_output_dir(path: str) -> None:
+    """Refuse an output directory that is a file or cannot be created/written, before any model is loaded.
+
+    Nothing is created here, so a run refused later for another reason leaves no directory behind.
+    """
+    out = Path(path).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output directory {path} exists and is not a directory")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"output directory {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output directory {path} is not writable ({existing} is read-only for this user)")
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """Trainer writes ``trainer_state.json`` after the weights and optimizer: a checkpoint without it was cut off."""
+    weights = ("adapter_model.safetensors", "model.safetensors", "pytorch_model.bin")
+    return (path / "trainer_state.json").is_file() and any((path / w).is_file() for w in weights)
+
+
+def resolve_checkpoint(checkpoint: Optional[str], output_dir: str) -> Optional[str]:
+    """The checkpoint to resume from: ``"last"`` is the newest *complete* ``checkpoint-N`` in ``output_dir``."""
+    if checkpoint != "last":
+        if checkpoint is not None and not is_complete_checkpoint(Path(checkpoint)):
+            raise ValueError(f"checkpoint {checkpoint} is incomplete (no trainer_state.json or weights)")
+        return checkpoint
+    candidates = sorted(
+        (p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for path in candidates:
+        if is_complete_checkpoint(path):
+            return str(path)
+        print(f"peqa-peft: skipping incomplete checkpoint {path} (interrupted save)", file=sys.stderr)
+    raise ValueError(f"--resume-from-checkpoint last: no complete checkpoint-N directory in {output_dir}")
 
 
 def check_has_linear_layers(model: nn.Module) -> None:
@@ -191,6 +231,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     import peqa_peft  # noqa: F401  (registers the PEFT types)
 
     start = time.time()
+    check_output_dir(cfg.output_dir)
+    checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
     check_model_config(AutoConfig.from_pretrained(cfg.model), cfg.seq_len)
     dataset = load_instruction_dataset(cfg.dataset, max_samples=cfg.max_samples, seed=cfg.seed)
     peft_config = peft_config_for(cfg)
@@ -207,7 +249,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"no training example keeps a response token within seq_len={cfg.seq_len} (the prompts are longer); "
             "raise --seq-len"
         )
-    checkpoint = True if cfg.resume_from_checkpoint == "last" else cfg.resume_from_checkpoint
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(cfg.output_dir)
     summary = _summary(cfg, model, result, time.time() - start)
