@@ -160,6 +160,17 @@ def load_base_model(name: str, method: str, bf16: bool):
     return prepare_model_for_kbit_training(load_nf4_model(name, dtype), use_gradient_checkpointing=False)
 
 
+def cast_keeping_trainable_fp32(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the frozen float weights to ``dtype``; trainable parameters stay float32 (the optimizer's master copy).
+
+    Quantized layers keep their codes and float32 scales whatever the cast (``QuantLinear._apply``).
+    """
+    model.to(dtype)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
 def peft_config_for(cfg: TrainConfig):
     """The PEFT config of the chosen method."""
     from peft import LoraConfig
@@ -240,9 +251,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     set_seed(cfg.seed)
-    base = load_base_model(cfg.model, cfg.method, cfg.bf16)
+    # PEQA quantizes the weights as stored (float32 for most checkpoints), not a bf16 rounding of them: the codes, and
+    # so the adapter's base fingerprint, are then the same whatever dtype the model is trained or evaluated in.
+    quantize_as_stored = cfg.method == "peqa" and cfg.bf16
+    base = load_base_model(cfg.model, cfg.method, cfg.bf16 and not quantize_as_stored)
     check_has_linear_layers(base)
     model = get_peft_model(base, peft_config)
+    if quantize_as_stored:
+        cast_keeping_trainable_fp32(model, torch.bfloat16)
     trainer = build_trainer(cfg, model, tokenizer, dataset)
     if len(trainer.train_dataset) == 0:
         raise ValueError(

@@ -146,3 +146,31 @@ def test_refused_safe_merge_changes_nothing():
     with pytest.raises(ValueError, match="nothing was merged"):
         model.merge_adapter(safe_merge=True)
     assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_casting_keeps_the_quantization_grid(dtype):
+    """``.half()``/``.to(bf16)`` used to cast s0 for good, after which every adapter's fingerprint differed."""
+    model = get_peft_model(tiny_llama(), peqa(4, init_weights=False))
+    layer = next(m for m in model.modules() if hasattr(m, "peqa_scale"))
+    fingerprint = layer.base_fingerprint()
+    with torch.no_grad():
+        expected = model(IDS).logits
+    model.to(dtype)
+    base = layer.get_base_layer()
+    assert base.scale.dtype == torch.float32 and base.zero_point.dtype == torch.uint8
+    assert layer.base_fingerprint() == fingerprint
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits.float(), expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("train_dtype, load_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)])
+def test_adapter_moves_between_dtypes(tmp_path, train_dtype, load_dtype):
+    """Quantized as stored, then cast: an adapter trained in one dtype loads onto the model cast to another."""
+    trained = get_peft_model(tiny_llama(), peqa(4, init_weights=False)).to(train_dtype)
+    trained.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = trained.float()(IDS).logits
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).to(load_dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits.float(), expected, rtol=0.05, atol=0.05)
