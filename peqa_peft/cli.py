@@ -11,8 +11,56 @@ from typing import Optional
 from .train import DEFAULT_LR, METHODS, TrainConfig
 
 
+def _int_at_least(minimum: int, what: str):
+    """An argparse type: an integer >= ``minimum`` (the error names the expected range)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {number}")
+        return number
+
+    return parse
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
+    return number
+
+
+def _bits(value: str) -> int:
+    from .quant import SUPPORTED_BITS
+
+    bits = _int_at_least(0, "")(value)
+    if bits not in SUPPORTED_BITS:
+        raise argparse.ArgumentTypeError(f"must be one of {SUPPORTED_BITS}, got {bits}")
+    return bits
+
+
+def _max_steps(value: str) -> int:
+    steps = _int_at_least(-1, "a positive number of steps, or -1 to train for --epochs")(value)
+    if steps == 0:
+        raise argparse.ArgumentTypeError("must be a positive number of steps, or -1 to train for --epochs, got 0")
+    return steps
+
+
 def _int_or_none(value: str) -> Optional[int]:
-    return None if value.lower() in ("none", "channel", "0") else int(value)
+    if value.lower() in ("none", "channel", "0"):
+        return None
+    return _int_at_least(1, "a positive group size, or 'none' for per-channel scales")(value)
+
+
+_positive = _int_at_least(1, "a positive integer")
+_non_negative = _int_at_least(0, "0 or a positive integer")
+_seq_len = _int_at_least(2, "at least 2 tokens")
 
 
 def add_train_parser(sub) -> None:
@@ -21,28 +69,36 @@ def add_train_parser(sub) -> None:
     p.add_argument("--method", choices=METHODS, default="peqa")
     p.add_argument("--output-dir", required=True, help="where the adapter, card and summary are written")
     p.add_argument("--dataset", default=None, help="Hub id (tatsu-lab/alpaca) or local JSON/JSONL; default bundled")
-    p.add_argument("--max-samples", type=int, default=None, help="use a seeded random subset of the dataset")
-    p.add_argument("--bits", type=int, default=4, help="PEQA weight bits (2..8)")
-    p.add_argument("--group-size", type=_int_or_none, default=None, help="PEQA group size (default per channel)")
-    p.add_argument("--target-modules", default="all-linear", help="'all-linear' or comma-separated module names")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (default: --epochs)")
-    p.add_argument("--epochs", dest="num_epochs", type=float, default=1.0)
+    p.add_argument("--max-samples", type=_positive, default=None, help="use a seeded random subset of the dataset")
+    p.add_argument("--bits", type=_bits, default=None, help="PEQA weight bits (2..8, default 4; --method peqa only)")
     p.add_argument(
-        "--lr", dest="learning_rate", type=float, default=None, help=f"learning rate (defaults: {DEFAULT_LR})"
+        "--group-size", type=_int_or_none, default=None, help="PEQA group size (default per channel; peqa only)"
     )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=512, help="maximum tokens per example")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--target-modules", default="all-linear", help="'all-linear' or comma-separated module names")
+    p.add_argument("--lora-r", type=_positive, default=8)
+    p.add_argument("--lora-alpha", type=_positive, default=16)
+    p.add_argument("--max-steps", type=_max_steps, default=-1, help="optimizer steps (default -1: --epochs)")
+    p.add_argument("--epochs", dest="num_epochs", type=_positive_float, default=1.0)
+    p.add_argument(
+        "--lr",
+        dest="learning_rate",
+        type=_positive_float,
+        default=None,
+        help=f"learning rate (defaults: {DEFAULT_LR})",
+    )
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--grad-accum", type=_positive, default=1)
+    p.add_argument("--seq-len", type=_seq_len, default=512, help="maximum tokens per example")
+    p.add_argument("--seed", type=_non_negative, default=42)
     p.add_argument("--bf16", action="store_true", help="train in bfloat16 mixed precision")
-    p.add_argument("--logging-steps", type=int, default=10)
-    p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only the final adapter)")
+    p.add_argument("--logging-steps", type=_positive, default=10)
+    p.add_argument(
+        "--save-steps", type=_non_negative, default=0, help="checkpoint every N steps (0: only the final adapter)"
+    )
     p.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint directory, or 'last'")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the adapter and card to this repo")
     p.add_argument("--eval", dest="eval_datasets", default="", help="after training: comma list of wikitext2,ptb")
-    p.add_argument("--eval-max-tokens", type=int, default=None)
+    p.add_argument("--eval-max-tokens", type=_positive, default=None)
     p.add_argument("--data-dir", dest="eval_data_dir", default=None, help="local copies of the evaluation sets")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
@@ -52,7 +108,7 @@ def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity (WikiText-2, PTB, a text file) and 5-shot MMLU")
     p.add_argument("--model", required=True, help="Hub id or local path of the base model")
     p.add_argument("--adapter", default=None, help="adapter directory or Hub id (PEQA, QFT, LoRA)")
-    p.add_argument("--bits", type=int, default=None, help="evaluate the base quantized to this many bits")
+    p.add_argument("--bits", type=_bits, default=None, help="evaluate the base quantized to this many bits")
     p.add_argument("--group-size", type=_int_or_none, default=None)
     p.add_argument("--quant-method", choices=("minmax", "mse"), default="minmax", help="minmax = RTN")
     p.add_argument("--load-in-4bit", action="store_true", help="load the base in bitsandbytes NF4 (QLoRA adapters)")
@@ -60,12 +116,12 @@ def add_eval_parser(sub) -> None:
     source.add_argument("--text-file", default=None, help="score this UTF-8 text file")
     source.add_argument("--dataset", choices=("wikitext2", "ptb"), default=None)
     p.add_argument("--data-dir", default=None, help="directory with local copies of the evaluation sets")
-    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: model context, max 2048)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=_positive, default=None, help="score only the first N tokens")
+    p.add_argument("--seq-len", type=_seq_len, default=None, help="window length (default: model context, max 2048)")
+    p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--mmlu", action="store_true", help="also run 5-shot MMLU through lm-eval")
     p.add_argument("--mmlu-dir", default=None, help="local copy of the cais/mmlu dataset repository")
-    p.add_argument("--mmlu-limit", type=int, default=None, help="questions per subject (quick checks)")
+    p.add_argument("--mmlu-limit", type=_positive, default=None, help="questions per subject (quick checks)")
     p.add_argument("--mmlu-tasks", default="mmlu", help="lm-eval task names, comma-separated (default: mmlu)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
     p.add_argument("--no-progress", action="store_true")
@@ -77,6 +133,10 @@ def run_train(args: argparse.Namespace) -> dict:
 
     # argparse destinations are named after TrainConfig's fields; only lists and the progress switch need mapping
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if args.method != "peqa" and (args.bits is not None or args.group_size is not None):
+        raise ValueError(f"--bits/--group-size set PEQA's quantization; they do not apply to --method {args.method}")
+    if values["bits"] is None:
+        del values["bits"]  # TrainConfig's default
     if args.target_modules != "all-linear":
         values["target_modules"] = args.target_modules.split(",")
     values["eval_datasets"] = [d for d in args.eval_datasets.split(",") if d]
@@ -88,23 +148,35 @@ def run_train(args: argparse.Namespace) -> dict:
     return summary
 
 
-def run_eval(args: argparse.Namespace) -> dict:
+def read_text_file(path: str) -> str:
+    """The UTF-8 text of ``path``; errors name the file."""
     from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"text file {path} does not exist or is not a file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"text file {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    if not text.strip():
+        raise ValueError(f"text file {path} is empty")
+    return text
+
+
+def run_eval(args: argparse.Namespace) -> dict:
 
     from .evaluate import load_eval_text, load_for_eval, mmlu_accuracy, perplexity
 
     if not (args.text_file or args.dataset or args.mmlu):
         raise SystemExit("peqa-peft eval: give --text-file, --dataset or --mmlu")
-    if args.text_file and not Path(args.text_file).exists():
-        raise FileNotFoundError(f"text file {args.text_file} does not exist")
+    text = read_text_file(args.text_file) if args.text_file else None
     model, tokenizer = load_for_eval(
         args.model, args.adapter, args.bits, args.group_size, args.quant_method, load_in_4bit=args.load_in_4bit
     )
     result = {"model": args.model, "adapter": args.adapter, "bits": args.bits, "group_size": args.group_size}
     if args.text_file or args.dataset:
-        if args.text_file:
-            text = Path(args.text_file).read_text(encoding="utf-8")
-        else:
+        if text is None:
             text = load_eval_text(args.dataset, args.data_dir)
         ppl = perplexity(
             model,
@@ -133,15 +205,24 @@ def run_eval(args: argparse.Namespace) -> dict:
     return result
 
 
+# What a user can cause by what they pass: reported in one line, exit status 2. Anything else is a bug and keeps
+# its traceback. OSError covers unreadable/unwritable paths (PermissionError, IsADirectoryError, ...).
+USER_ERRORS = (ValueError, TypeError, OSError)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="peqa-peft", description="Quantization-aware fine-tuning with PEFT")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_eval_parser(sub)
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"peqa-peft {args.command}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"peqa-peft {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return 2
     return 0

@@ -68,13 +68,42 @@ def load_instruction_dataset(
         path = Path(source).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"dataset file {path} does not exist")
-        builder = {".csv": "csv", ".parquet": "parquet"}.get(path.suffix, "json")
-        dataset = load_dataset(builder, data_files=str(path), split=split)
+        dataset = _load_local(path, split)
     else:
         dataset = load_dataset(source, split=split)
     check_columns(dataset.column_names, source)
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {source!r} has no records")
     if max_samples is not None and max_samples < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(max_samples))
     if {"prompt", "completion"} <= set(dataset.column_names):
         return dataset.select_columns(["prompt", "completion"])
-    return dataset.map(format_alpaca, remove_columns=dataset.column_names)
+    return dataset.map(_format_checked(source), with_indices=True, remove_columns=dataset.column_names)
+
+
+def _load_local(path: Path, split: str):
+    """A local JSON/JSONL/CSV/Parquet file as a ``Dataset``; a file ``datasets`` cannot parse is named in the error."""
+    from datasets import load_dataset
+
+    builder = {".csv": "csv", ".parquet": "parquet"}.get(path.suffix, "json")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"dataset file {path} is empty")
+    try:
+        return load_dataset(builder, data_files=str(path), split=split)
+    except Exception as err:  # datasets wraps parser errors in its own types (DatasetGenerationError, ...)
+        cause = err.__cause__ or err
+        raise ValueError(
+            f"dataset file {path} could not be read as {builder}: {' '.join(str(cause).split())}"
+        ) from err
+
+
+def _format_checked(source: str):
+    """:func:`format_alpaca` that names the record whose instruction or output is missing or not text."""
+
+    def format_row(row: dict, index: int) -> dict:
+        for column in ("instruction", "output"):
+            if not isinstance(row.get(column), str):
+                raise ValueError(f"dataset {source!r}, record {index}: '{column}' is {row.get(column)!r}, not text")
+        return format_alpaca(row)
+
+    return format_row

@@ -18,6 +18,7 @@ The PEFT versions this was written and tested against are pinned in ``pyproject.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 from peft import PeftModel
@@ -107,8 +108,79 @@ def _push_with_our_card(original):
     return push_to_hub
 
 
+def _hub_kwargs(kwargs: dict) -> dict:
+    return {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token") if kwargs.get(k) is not None}
+
+
+def _saved_peft_type(model_id: str, hub_kwargs: dict) -> str:
+    """The ``peft_type`` of a saved adapter, refusing one that no registered PEFT method has."""
+    from peft.config import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    peft_type = PeftConfig._get_peft_type(model_id, **hub_kwargs)
+    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise ValueError(f"{model_id}: adapter_config.json has unknown peft_type {peft_type!r}")
+    return peft_type
+
+
+def check_saved_adapter(model, model_id: str, config=None, existing=None, **kwargs) -> None:
+    """Validate a saved adapter against ``model`` (the transformers model) before PEFT changes anything.
+
+    For PEQA adapters: the weights (dtypes, finiteness, shapes, completeness, see ``tuners.peqa.validation``) and,
+    when the adapter is loaded into an ``existing`` PEQA adapter slot (``load_adapter(..., adapter_name=<existing>)``,
+    as Trainer's resume does), the base fingerprint, which PEFT would otherwise skip. For every type: PEQA weights
+    under another ``peft_type`` are refused.
+    """
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, load_peft_weights
+    from safetensors import safe_open
+
+    from .tuners.peqa import PeqaConfig
+    from .tuners.peqa.validation import check_adapter_weights, check_peft_type, verify_fingerprint
+
+    hub_kwargs = _hub_kwargs(kwargs)
+    peft_type = config.peft_type if config is not None else _saved_peft_type(model_id, hub_kwargs)
+    if str(peft_type) != "PEQA":
+        # Other methods' weights are PEFT's to check; only look at the key names, and only in a local file.
+        local = os.path.join(model_id, kwargs.get("subfolder") or "", SAFETENSORS_WEIGHTS_NAME)
+        if os.path.isfile(local):
+            with safe_open(local, framework="pt") as f:
+                check_peft_type(dict.fromkeys(f.keys()), peft_type, model_id)
+        return
+    weights = load_peft_weights(model_id, device="cpu", **hub_kwargs)
+    if config is None:
+        config = PeqaConfig.from_pretrained(model_id, **hub_kwargs)
+    check_adapter_weights(weights, config, model, model_id)
+    if existing is not None:
+        from .tuners.peqa import PeqaLayer
+
+        layers = {k: m for k, m in model.named_modules() if isinstance(m, PeqaLayer)}
+        verify_fingerprint(layers, config)
+
+
+def _validate_from_pretrained(original):
+    def from_pretrained(cls, model, model_id, adapter_name="default", is_trainable=False, config=None, **kwargs):
+        check_saved_adapter(model, str(model_id), config, **kwargs)
+        return original.__func__(cls, model, model_id, adapter_name, is_trainable, config, **kwargs)
+
+    return from_pretrained
+
+
+def _validate_load_adapter(original):
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        existing = self.peft_config.get(adapter_name)
+        check_saved_adapter(self.base_model.model, str(model_id), None, existing, **kwargs)
+        return original(self, model_id, adapter_name, *args, **kwargs)
+
+    return load_adapter
+
+
 def patch_peft_model() -> None:
     """Install the ``PeftModel`` wrappers described in the module docstring (idempotent)."""
     _patch(PeftModel, "get_nb_trainable_parameters", _count_packed_weights)
     _patch(PeftModel, "create_or_update_model_card", _card_with_method_section)
     _patch(PeftModel, "push_to_hub", _push_with_our_card)
+    _patch(PeftModel, "load_adapter", _validate_load_adapter)
+    if not getattr(PeftModel.from_pretrained, _PATCH_MARKER, False):
+        wrapper = functools.wraps(PeftModel.from_pretrained)(_validate_from_pretrained(PeftModel.from_pretrained))
+        setattr(wrapper, _PATCH_MARKER, True)
+        PeftModel.from_pretrained = classmethod(wrapper)

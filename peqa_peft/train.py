@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,6 +82,45 @@ def check_model_config(model_config, seq_len: int) -> None:
         raise ValueError(f"seq_len={seq_len} exceeds the model's context length (max_position_embeddings={max_pos})")
 
 
+def check_output_dir(path: str) -> None:
+    """Refuse an output directory that is a file or cannot be created/written, before any model is loaded.
+
+    Nothing is created here, so a run refused later for another reason leaves no directory behind.
+    """
+    out = Path(path).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output directory {path} exists and is not a directory")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"output directory {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output directory {path} is not writable ({existing} is read-only for this user)")
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """Trainer writes ``trainer_state.json`` after the weights and optimizer: a checkpoint without it was cut off."""
+    weights = ("adapter_model.safetensors", "model.safetensors", "pytorch_model.bin")
+    return (path / "trainer_state.json").is_file() and any((path / w).is_file() for w in weights)
+
+
+def resolve_checkpoint(checkpoint: Optional[str], output_dir: str) -> Optional[str]:
+    """The checkpoint to resume from: ``"last"`` is the newest *complete* ``checkpoint-N`` in ``output_dir``."""
+    if checkpoint != "last":
+        if checkpoint is not None and not is_complete_checkpoint(Path(checkpoint)):
+            raise ValueError(f"checkpoint {checkpoint} is incomplete (no trainer_state.json or weights)")
+        return checkpoint
+    candidates = sorted(
+        (p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for path in candidates:
+        if is_complete_checkpoint(path):
+            return str(path)
+        print(f"peqa-peft: skipping incomplete checkpoint {path} (interrupted save)", file=sys.stderr)
+    raise ValueError(f"--resume-from-checkpoint last: no complete checkpoint-N directory in {output_dir}")
+
+
 def check_has_linear_layers(model: nn.Module) -> None:
     from transformers.pytorch_utils import Conv1D
 
@@ -118,6 +158,17 @@ def load_base_model(name: str, method: str, bf16: bool):
     from peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(load_nf4_model(name, dtype), use_gradient_checkpointing=False)
+
+
+def cast_keeping_trainable_fp32(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the frozen float weights to ``dtype``; trainable parameters stay float32 (the optimizer's master copy).
+
+    Quantized layers keep their codes and float32 scales whatever the cast (``QuantLinear._apply``).
+    """
+    model.to(dtype)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
 
 
 def peft_config_for(cfg: TrainConfig):
@@ -191,6 +242,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     import peqa_peft  # noqa: F401  (registers the PEFT types)
 
     start = time.time()
+    check_output_dir(cfg.output_dir)
+    checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
     check_model_config(AutoConfig.from_pretrained(cfg.model), cfg.seq_len)
     dataset = load_instruction_dataset(cfg.dataset, max_samples=cfg.max_samples, seed=cfg.seed)
     peft_config = peft_config_for(cfg)
@@ -198,16 +251,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     set_seed(cfg.seed)
-    base = load_base_model(cfg.model, cfg.method, cfg.bf16)
+    # PEQA quantizes the weights as stored (float32 for most checkpoints), not a bf16 rounding of them: the codes, and
+    # so the adapter's base fingerprint, are then the same whatever dtype the model is trained or evaluated in.
+    quantize_as_stored = cfg.method == "peqa" and cfg.bf16
+    base = load_base_model(cfg.model, cfg.method, cfg.bf16 and not quantize_as_stored)
     check_has_linear_layers(base)
     model = get_peft_model(base, peft_config)
+    if quantize_as_stored:
+        cast_keeping_trainable_fp32(model, torch.bfloat16)
     trainer = build_trainer(cfg, model, tokenizer, dataset)
     if len(trainer.train_dataset) == 0:
         raise ValueError(
             f"no training example keeps a response token within seq_len={cfg.seq_len} (the prompts are longer); "
             "raise --seq-len"
         )
-    checkpoint = True if cfg.resume_from_checkpoint == "last" else cfg.resume_from_checkpoint
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(cfg.output_dir)
     summary = _summary(cfg, model, result, time.time() - start)

@@ -94,6 +94,18 @@ class QuantLinear(nn.Module):
             self.zero_point = torch.empty_like(self.zero_point, dtype=zero_point.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _apply(self, fn, recurse: bool = True):
+        # ``.half()``/``.to(dtype)`` may move the quantization state but never change its dtype: s0 stays float32
+        # and z0 integer (as bitsandbytes keeps its quant state), so the grid, and the fingerprint of every adapter
+        # trained on it, survive any cast of the model. Only the bias follows the model's dtype.
+        kept = {name: getattr(self, name) for name in ("scale", "zero_point")}
+        super()._apply(fn, recurse)
+        for name, tensor in kept.items():
+            moved = getattr(self, name)
+            if moved.dtype != tensor.dtype:
+                self._buffers[name] = tensor.to(moved.device)
+        return self
+
     @property
     def n_groups(self) -> int:
         return self.scale.shape[1]

@@ -69,4 +69,12 @@ class PeqaConfig(QuantTargetsConfig):
             raise ValueError(
                 f"need search_grid >= 1 and 0 <= max_shrink < 1, got {self.search_grid} and {self.max_shrink}"
             )
+        fingerprint = self.base_fingerprint
+        if fingerprint is not None and not (
+            isinstance(fingerprint, dict) and isinstance(fingerprint.get("layers"), dict)
+        ):
+            raise ValueError(
+                "`base_fingerprint` must be None or a mapping with 'bits', 'group_size' and a 'layers' mapping, got "
+                f"{type(fingerprint).__name__}"
+            )
         self._check_targets()

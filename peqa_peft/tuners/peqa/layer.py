@@ -88,22 +88,34 @@ class Linear(nn.Module, PeqaLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
+        if safe_merge:
+            problem = self.merge_problem(adapter_names)
+            if problem:
+                raise ValueError(problem)
         base = self.get_base_layer()
         for name in adapter_names:
             delta_scale, delta_zero = self._deltas([name])
             if delta_scale is None:
                 continue
-            new_scale = base.scale + delta_scale.detach().to(base.scale.dtype)
-            new_zero = None if delta_zero is None else base.zero_point.float() + delta_zero.detach().float()
-            if safe_merge and not (
-                torch.isfinite(new_scale).all() and (new_zero is None or torch.isfinite(new_zero).all())
-            ):
-                raise ValueError(f"NaNs detected in the merged scales. The adapter {name} seems to be broken")
-            base.scale.copy_(new_scale)
-            if new_zero is not None:
+            base.scale.add_(delta_scale.detach().to(base.scale.dtype))
+            if delta_zero is not None:
                 # a trained zero-point is fractional: the uint8 buffer becomes float32 for good
-                base.zero_point = new_zero.float()
+                base.zero_point = base.zero_point.float() + delta_zero.detach().float()
             self.merged_adapters.append(name)
+
+    def merge_problem(self, adapter_names: list[str]) -> Optional[str]:
+        """Why merging ``adapter_names`` (in order) would give non-finite scales or zero-points, else ``None``."""
+        base = self.get_base_layer()
+        scale, zero = base.scale.detach().clone(), base.zero_point.detach().float()
+        for name in adapter_names:
+            delta_scale, delta_zero = self._deltas([name])
+            if delta_scale is not None:
+                scale = scale + delta_scale.detach().to(scale.dtype)
+            if delta_zero is not None:
+                zero = zero + delta_zero.detach().float()
+            if not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
+                return f"NaNs detected in the merged scales. The adapter {name} seems to be broken"
+        return None
 
     def unmerge(self) -> None:
         """Subtract merged deltas from the base again (exact up to float rounding of the scales)."""

@@ -14,6 +14,7 @@ from ...quant import QuantLinear, validate_group_size
 from .._base import QuantTunerMixin
 from .config import PeqaConfig
 from .layer import Linear, PeqaLayer
+from .validation import layer_fingerprint, verify_fingerprint
 
 _SUPPORTED_TARGETS = (nn.Linear, Conv1D, QuantLinear, PeqaLayer)
 
@@ -88,35 +89,15 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
         )
         return pending
 
-    @staticmethod
-    def _layer_fingerprint(module: nn.Module) -> str:
-        return module.base_fingerprint() if isinstance(module, PeqaLayer) else module.fingerprint()
-
     def _verify_fingerprint(self, layers: dict[str, nn.Module], config: PeqaConfig) -> None:
-        expected = config.base_fingerprint
-        if not expected:
-            return
-        if (expected.get("bits"), expected.get("group_size")) != (config.bits, config.group_size):
-            raise ValueError(
-                f"adapter config is inconsistent: it was trained with bits={expected.get('bits')}, group_size="
-                f"{expected.get('group_size')} but asks for bits={config.bits}, group_size={config.group_size}"
-            )
-        recorded = expected.get("layers", {})
-        for key, module in layers.items():
-            if key in recorded and recorded[key] != self._layer_fingerprint(module):
-                raise ValueError(
-                    f"This PEQA adapter was trained on a different quantized base: the quantization grid of layer "
-                    f"'{key}' (bits={config.bits}, group_size={config.group_size}) does not match the one recorded in "
-                    "the adapter. Load it onto the base model it was trained with (adapter_config.json "
-                    "'base_model_name_or_path'), quantized with the same settings."
-                )
+        verify_fingerprint(layers, config)
 
     def _record_fingerprint(self, model: nn.Module, config: PeqaConfig, adapter_name: str) -> None:
         """Record the fingerprint of the base in a new adapter's config (loaded configs were checked before)."""
         if config.base_fingerprint:
             return
         layers = {
-            key: self._layer_fingerprint(module)
+            key: layer_fingerprint(module)
             for key, module in model.named_modules()
             if isinstance(module, PeqaLayer) and adapter_name in module.peqa_scale
         }
@@ -153,6 +134,25 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
         return QuantLinear.from_linear(
             target, config.bits, config.group_size, config.init_method, config.search_grid, config.max_shrink
         )
+
+    def _check_safe_merge(self, adapter_names: Optional[list[str]]) -> None:
+        """Check every layer before any is merged, so a refused ``safe_merge`` changes nothing."""
+        for key, module in self.model.named_modules():
+            if isinstance(module, Linear):
+                names = [n for n in (adapter_names or module.active_adapters) if n not in module.merged_adapters]
+                problem = module.merge_problem(names)
+                if problem:
+                    raise ValueError(f"layer '{key}': {problem}; nothing was merged")
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_safe_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, safe_merge: bool = False, **kwargs) -> nn.Module:
+        if merge and safe_merge:
+            self._check_safe_merge(kwargs.get("adapter_names"))
+        return super()._unload_and_optionally_merge(merge=merge, safe_merge=safe_merge, **kwargs)
 
     def _check_new_adapter_config(self, config: PeqaConfig) -> None:
         super()._check_new_adapter_config(config)
