@@ -226,6 +226,9 @@ def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) ->
     path = check_output_dir(output_dir, overwrite).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any directory the user makes
     try:
         yield tmp
         old = None
