@@ -23,7 +23,7 @@ from ._common import ExportModel, atomic_output_dir, check_output_dir, collect, 
 
 FORMATS = ("compressed-tensors", "gguf", "gptq")
 
-__all__ = ["FORMATS", "ExportModel", "collect", "export"]
+__all__ = ["FORMATS", "ExportModel", "collect", "export", "export_adapter"]
 
 
 def _writer(fmt: str):
@@ -69,3 +69,26 @@ def export(
             if exported.generation_config is not None:
                 exported.generation_config.save_pretrained(tmp)
     return Path(output_dir)
+
+
+def export_adapter(
+    base_model: str,
+    adapter: str,
+    output_dir: str | os.PathLike,
+    format: str = "compressed-tensors",
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> Path:
+    """Load ``base_model`` + the PEQA ``adapter`` (paths or Hub ids) and :func:`export` the merged model.
+
+    Cheap checks (format, options, output directory) run before the model is loaded.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _writer(format)
+    check_output_dir(output_dir, overwrite)
+    base = AutoModelForCausalLM.from_pretrained(base_model)
+    model = PeftModel.from_pretrained(base, adapter)
+    return export(model, output_dir, format, tokenizer=tokenizer or base_model, overwrite=overwrite, **options)

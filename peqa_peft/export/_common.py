@@ -206,13 +206,19 @@ def load_tokenizer(model: nn.Module, tokenizer: Any = None):
         raise ValueError(f"no tokenizer found at '{source}' ({err}); pass tokenizer=... explicitly") from err
 
 
+class OutputExistsError(FileExistsError, ValueError):
+    """The output directory exists and is not empty (and overwriting was not asked for)."""
+
+
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an existing non-empty ``output_dir`` unless ``overwrite`` (before any work is done)."""
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"output path '{path}' exists and is not a directory")
+        raise OutputExistsError(f"output path '{path}' exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory '{path}' exists and is not empty; pass overwrite=True (--overwrite)")
+        raise OutputExistsError(
+            f"output directory '{path}' exists and is not empty; pass overwrite=True (--overwrite)"
+        )
     return path
 
 
