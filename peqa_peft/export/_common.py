@@ -83,6 +83,7 @@ class ExportModel:
     layers: dict[str, QuantWeight]  # by module name
     tensors: dict[str, torch.Tensor]  # every other persistent tensor, by state-dict name (tied copies dropped)
     float_linears: list[str] = field(default_factory=list)  # nn.Linear modules left unquantized (e.g. lm_head)
+    architecture: str = ""  # the transformers model class, e.g. "LlamaForCausalLM"
 
     @property
     def bits(self) -> int:
@@ -166,7 +167,11 @@ def collect(model: nn.Module) -> ExportModel:
     if getattr(hf_model, "config", None) is None:
         raise TypeError(f"expected a transformers model or a PeftModel around one, got {type(model).__name__}")
     result = ExportModel(
-        config=hf_model.config, generation_config=getattr(hf_model, "generation_config", None), layers={}, tensors={}
+        config=hf_model.config,
+        generation_config=getattr(hf_model, "generation_config", None),
+        layers={},
+        tensors={},
+        architecture=type(hf_model).__name__,
     )
     _walk(hf_model, "", result, {})
     if not result.layers:

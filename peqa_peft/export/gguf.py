@@ -74,9 +74,10 @@ def validate(
     **_write_only,
 ) -> None:
     """Refuse what cannot be written: other architectures, bad options, fallback layers with ``fallback="error"``."""
-    archs = list(getattr(model.config, "architectures", None) or [])
-    if not set(archs) & set(SUPPORTED_ARCHITECTURES):
-        raise ValueError(f"GGUF export supports {', '.join(SUPPORTED_ARCHITECTURES)}; this model is {archs or '?'}")
+    if model.architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"GGUF export supports {', '.join(SUPPORTED_ARCHITECTURES)}; this model is a {model.architecture}"
+        )
     if float_type not in FLOAT_TYPES:
         raise ValueError(f"float_type must be one of {FLOAT_TYPES}, got '{float_type}'")
     if fallback not in FALLBACKS:
