@@ -226,7 +226,9 @@ def test_gguf_runs_in_llama_cpp_and_transformers_like_the_peqa_model(tmp_path, d
     llama_cpp = _llama_cpp()
     from peqa_peft.evaluate import load_eval_text
 
-    model = demo_peqa(4, None)
+    # the paper's MSE initialisation (the default): with min-max RTN this model has near-ties (top-2 logit margin
+    # 0.01) that fp16 embeddings flip; with MSE the margin is 0.06 and f16 and f32 exports both reproduce our tokens
+    model = demo_peqa(4, None, init_method="mse")
     out = export(model, tmp_path / "gguf", format="gguf")
     ids = demo_tokenizer(PROMPT).input_ids
     ours = greedy(model, [ids])
@@ -244,6 +246,7 @@ def test_gguf_runs_in_llama_cpp_and_transformers_like_the_peqa_model(tmp_path, d
     windows = [tokens[i : i + 256] for i in range(0, len(tokens) - 255, 256)]
     ppl_ours = float(np.exp(_torch_nll(model, windows)))
     ppl_cpp = float(np.exp(_llama_cpp_nll(llm, windows)))
+    llm.close()
     assert abs(ppl_cpp / ppl_ours - 1) < 0.01, (ppl_cpp, ppl_ours)
 
     got = run_fresh(
@@ -340,7 +343,8 @@ def test_gptq_loads_in_gptqmodel_with_identical_weights(tmp_path, demo_tokenizer
         for name, layer in collect(model).layers.items():
             scale = layer.scale.half().float().repeat_interleave(32, 1)
             zero = layer.zero.float().repeat_interleave(32, 1)
-            expected[f"w{bits}:{name}"] = scale * (layer.codes.float() - zero)
+            # GPTQModel dequantizes in fp16 (its CPU kernel's dtype): one more rounding, of the product
+            expected[f"w{bits}:{name}"] = (scale * (layer.codes.float() - zero)).half().float()
     got = run_fresh(
         """
         import torch
