@@ -192,6 +192,21 @@ def test_gguf_trained_zero_point_is_exact_and_odd_widths_fall_back(tmp_path, dem
     assert not (tmp_path / "strict").exists()
 
 
+def test_gguf_rotary_row_order_round_trips_through_transformers(tmp_path, demo_tokenizer):
+    """q/k rows are permuted to llama.cpp's rotary layout whether PEQA quantized them or not: transformers' GGUF
+    loader, which undoes that permutation, reproduces the PEQA model's logits (f32 unquantized tensors)."""
+    from transformers import AutoModelForCausalLM
+
+    model = tuned(tiny_llama(vocab_size=4096), 4, None, target_modules=["q_proj", "v_proj", "up_proj"])
+    export(model, tmp_path / "out", format="gguf", tokenizer=demo_tokenizer, float_type="f32")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model.gguf")
+    ids = torch.tensor([list(range(5, 40))])
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, loaded(ids).logits
+    # only the fp16 rounding of the Q4_1 block scale and offset separates them
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=2e-3 * ours.abs().max().item())
+
+
 def _llama_cpp():
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 

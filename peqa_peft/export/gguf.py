@@ -290,7 +290,9 @@ def write(
         return new
 
     for hf_name, tensor in model.tensors.items():
-        data = tensor.float().numpy()
+        module_name = hf_name.rsplit(".", 1)[0]
+        rows = _rows_for(module_name, tensor.shape[0], config)
+        data = (tensor if rows is None else tensor[rows]).float().numpy()  # unquantized q/k are permuted too
         # norms (1-D) stay F32 as llama.cpp expects; 2-D weights (embeddings, lm_head) in float_type
         writer.add_tensor(gguf_name(hf_name), data.astype(np.float32 if data.ndim == 1 else _float_dtype(float_type)))
     for name, layer in model.layers.items():
