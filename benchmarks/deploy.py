@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,20 @@ def gguf_tensor_bytes(path: Path, names: set[str]) -> tuple[int, int]:
 
     tensors = gguf.GGUFReader(str(path)).tensors
     return sum(int(t.n_bytes) for t in tensors if t.name in names), sum(int(t.n_bytes) for t in tensors)
+
+
+def safetensors_bytes(path: Path, prefixes: set[str]) -> int:
+    """Bytes of the tensors of the given modules in a safetensors file (read from its header, nothing loaded)."""
+    from safetensors import safe_open
+
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "I8": 1, "U8": 1}
+    total = 0
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            if key.rsplit(".", 1)[0] in prefixes:
+                piece = f.get_slice(key)
+                total += sizes[piece.get_dtype()] * int(np.prod(piece.get_shape()))
+    return total
 
 
 def llama_cpp_decode(path: Path, prompt_ids: list[int], n: int = NEW_TOKENS) -> dict:
@@ -182,11 +197,13 @@ def run_model(label: str, base_fn, tokenizer, work: Path, bits: int = 4, init_me
     qb_layers, _ = gguf_tensor_bytes(q_path, block_names)
     fb_layers, _ = gguf_tensor_bytes(fp16_path, block_names)
     result.update(
+        quantized_layer_bytes_compressed_tensors=safetensors_bytes(ct_dir / "model.safetensors", set(exported.layers)),
         bytes_gguf_q=q_path.stat().st_size,
         bytes_gguf_f16=fp16_path.stat().st_size,
         quantized_layer_bytes_gguf_q=q_layers,
         quantized_layer_bytes_gguf_f16=f_layers,
         block_layer_bytes_ratio=qb_layers / fb_layers if fb_layers else None,
+        quantized_layer_weights=sum(q.out_features * q.in_features for q in exported.layers.values()),
     )
 
     # reloading a whole exported model instead of switching adapters
@@ -255,6 +272,22 @@ def format_switching(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_bytes(results: list[dict]) -> str:
+    lines = [
+        "| model | PEQA-quantized layers in F16 | in the GGUF Q4_1 export (incl. F16 fallback layers) | "
+        "in the compressed-tensors export | whole GGUF Q4_1 file / F16 file |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        f16 = 2 * r["quantized_layer_weights"]
+        gguf_q, ct = r["quantized_layer_bytes_gguf_q"], r["quantized_layer_bytes_compressed_tensors"]
+        lines.append(
+            f"| {r['model']} | {f16 / 1e6:.2f} MB | {gguf_q / 1e6:.2f} MB ({gguf_q / f16:.1%}) | "
+            f"{ct / 1e6:.2f} MB ({ct / f16:.1%}) | {r['bytes_gguf_q'] / r['bytes_gguf_f16']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default="outputs/deploy")
@@ -294,7 +327,9 @@ def main(argv=None) -> list[dict]:
             r[key].pop("tokens", None)
     (out / "deploy.json").write_text(json.dumps(results, indent=2) + "\n")
     machine = f"{os.cpu_count()} CPU cores (shared), torch {torch.__version__}, 1 thread everywhere"
-    report = "\n\n".join([f"machine: {machine}", format_table(results), format_switching(results)])
+    report = "\n\n".join(
+        [f"machine: {machine}", format_table(results), format_bytes(results), format_switching(results)]
+    )
     (out / "deploy.md").write_text(report + "\n")
     print(report)
     print(json.dumps(results, indent=2))
