@@ -1,4 +1,4 @@
-"""The ``peqa-peft`` command line (also ``python -m peqa_peft``): ``train`` and ``eval``."""
+"""The ``peqa-peft`` command line (also ``python -m peqa_peft``): ``train``, ``eval`` and ``export``."""
 
 from __future__ import annotations
 
@@ -128,6 +128,42 @@ def add_eval_parser(sub) -> None:
     p.set_defaults(func=run_eval)
 
 
+def add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="write base + PEQA adapter as a merged low-bit checkpoint (vLLM, llama.cpp, GPTQ)"
+    )
+    p.add_argument("--model", required=True, help="Hub id or local path of the base model the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="PEQA adapter directory or Hub id")
+    p.add_argument("--format", required=True, choices=("compressed-tensors", "gguf", "gptq"))
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path or id (default: the base model's)")
+    p.add_argument("--gguf-float-type", choices=("f16", "f32"), default="f16", help="gguf: unquantized tensors")
+    p.add_argument(
+        "--ct-zero-point-layout",
+        choices=("transformers", "packed"),
+        default="transformers",
+        help="compressed-tensors: 'packed' for vLLM",
+    )
+    p.add_argument("--gptq-checkpoint-format", choices=("gptq_v2", "gptq"), default="gptq_v2")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> str:
+    from .export import export_adapter
+
+    options = {
+        "gguf": {"float_type": args.gguf_float_type},
+        "compressed-tensors": {"zero_point_layout": args.ct_zero_point_layout},
+        "gptq": {"checkpoint_format": args.gptq_checkpoint_format},
+    }[args.format]
+    out = export_adapter(
+        args.model, args.adapter, args.output_dir, args.format, args.tokenizer, args.overwrite, **options
+    )
+    print(f"exported {args.format} to {out}")
+    return str(out)
+
+
 def run_train(args: argparse.Namespace) -> dict:
     from .train import format_summary, train
 
@@ -216,6 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_export_parser(sub)
     args = parser.parse_args(argv)
     try:
         args.func(args)

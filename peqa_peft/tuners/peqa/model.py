@@ -164,3 +164,19 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
                     f"group_size={other.group_size} but the new adapter asks for bits={config.bits}, "
                     f"group_size={config.group_size}."
                 )
+
+    def merge_and_unload(self, *args, **kwargs) -> nn.Module:
+        """Merge the scale deltas into ``s0`` and return the quantized transformers model.
+
+        Its ``save_pretrained`` / ``push_to_hub`` write a compressed-tensors checkpoint (see
+        :mod:`peqa_peft.export.merged`) that transformers and vLLM load without peqa_peft.
+        """
+        from ...export.merged import attach_compressed_save
+
+        return attach_compressed_save(super().merge_and_unload(*args, **kwargs))
+
+    def unload(self) -> nn.Module:
+        """Remove the adapters and return the quantized base (saved like a merged model, as compressed-tensors)."""
+        from ...export.merged import attach_compressed_save
+
+        return attach_compressed_save(super().unload())

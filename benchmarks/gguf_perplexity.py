@@ -1,0 +1,86 @@
+"""WikiText-2 perplexity of a PEQA model in PyTorch vs its GGUF export in llama.cpp, on the same tokens.
+
+The text is tokenized once with the base model's tokenizer and cut into non-overlapping windows; both engines score
+exactly those token ids (llama.cpp through llama-cpp-python with all logits kept), so the two numbers differ only by
+the engines' arithmetic and the GGUF storage (fp16 block scales, F16 embeddings, llama.cpp's 8-bit activation
+rounding in its Q4_1 matmul).
+
+    python benchmarks/gguf_perplexity.py --model assets/demo-llama --adapter outputs/peqa-w4 --max-tokens 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from peqa_peft.evaluate import load_eval_text  # noqa: E402
+from peqa_peft.export import export_adapter  # noqa: E402
+
+
+@torch.no_grad()
+def torch_nll(model, windows: list[list[int]]) -> float:
+    total, count = 0.0, 0
+    for window in windows:
+        ids = torch.tensor([window])
+        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+        total -= logp.gather(1, ids[0, 1:].unsqueeze(1)).sum().item()
+        count += len(window) - 1
+    return total / count
+
+
+def llama_cpp_nll(path: Path, windows: list[list[int]], seq_len: int) -> float:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=seq_len, n_batch=seq_len, logits_all=True, verbose=False)
+    total, count = 0.0, 0
+    for window in windows:
+        llm.reset()
+        llm.eval(window)
+        logp = torch.log_softmax(torch.tensor(np.array(llm.scores[: len(window)]), dtype=torch.float64)[:-1], -1)
+        total -= logp.gather(1, torch.tensor(window[1:]).unsqueeze(1)).sum().item()
+        count += len(window) - 1
+    llm.close()
+    return total / count
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="assets/demo-llama")
+    parser.add_argument("--adapter", required=True, help="a PEQA adapter directory")
+    parser.add_argument("--max-tokens", type=int, default=65536)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--float-type", choices=("f16", "f32"), default="f16")
+    args = parser.parse_args(argv)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokens = tokenizer(load_eval_text("wikitext2")).input_ids[: args.max_tokens]
+    windows = [tokens[i : i + args.seq_len] for i in range(0, len(tokens) - args.seq_len + 1, args.seq_len)]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.model), args.adapter).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = export_adapter(args.model, args.adapter, Path(tmp) / "gguf", "gguf", float_type=args.float_type)
+        ppl_cpp = float(np.exp(llama_cpp_nll(out / "model.gguf", windows, args.seq_len)))
+    ppl_torch = float(np.exp(torch_nll(model, windows)))
+    result = {
+        "tokens": len(windows) * args.seq_len,
+        "windows": len(windows),
+        "seq_len": args.seq_len,
+        "ppl_peqa_pytorch": ppl_torch,
+        "ppl_gguf_llama_cpp": ppl_cpp,
+        "relative_difference": ppl_cpp / ppl_torch - 1,
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
