@@ -207,12 +207,17 @@ def _group_dot(
 _compiled: dict[str, Callable] = {}
 
 
-def _run(name: str, fn: Callable, *args):
-    """``fn(*args)``, through ``torch.compile`` in compiled mode (falling back to eager once if compiling fails)."""
+def _run(name: str, fn: Callable, *args, eager: Optional[Callable] = None, dynamic: bool = False):
+    """``fn(*args)``, through ``torch.compile`` in compiled mode (falling back to eager once if compiling fails).
+
+    ``eager`` replaces ``fn`` outside compiled mode (None: return None there), for kernels whose uncompiled form
+    would materialize what the compiled one streams (e.g. every clipping candidate of the MSE search at once).
+    """
     if kernel_mode() == "compiled":
         compiled = _compiled.get(name)
         if compiled is None:
-            compiled = _compiled[name] = torch.compile(fn, dynamic=False, fullgraph=True, options=_INDUCTOR_OPTIONS)
+            compiled = torch.compile(fn, dynamic=dynamic, fullgraph=True, options=_INDUCTOR_OPTIONS)
+            _compiled[name] = compiled
         try:
             with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
                 return compiled(*args)
@@ -224,12 +229,13 @@ def _run(name: str, fn: Callable, *args):
                 stacklevel=3,
             )
             set_kernel_mode("eager")
-    return fn(*args)
+    return None if eager is None else eager(*args)
 
 
 def dequant_planes(packed, scale, zero_point, bits, rows, in_features, k, dtype) -> torch.Tensor:
     """Fused unpack + dequantize into plane order: ``(q - z)``, or ``s * (q - z)`` when ``scale`` is given."""
-    return _run("dequant", _dequant_planes, packed, scale, zero_point, bits, rows, in_features, k, dtype)
+    args = (packed, scale, zero_point, bits, rows, in_features, k, dtype)
+    return _run("dequant", _dequant_planes, *args, eager=_dequant_planes)
 
 
 def decode_product(x, packed, scale, zero_point, bits, rows, in_features, k) -> torch.Tensor:
@@ -238,12 +244,18 @@ def decode_product(x, packed, scale, zero_point, bits, rows, in_features, k) -> 
     splits = next((r for r in _DECODE_SPLITS if width % r == 0 and width // r >= _DECODE_MIN_RUN), 1)
     # The permutation of x is a gather: done outside the kernel, so that the kernel only streams contiguous data.
     xp = to_planes(x.float(), k).contiguous()
-    return _run("decode", _decode_product, xp, packed, scale, zero_point, bits, rows, in_features, k, splits)
+    args = (xp, packed, scale, zero_point, bits, rows, in_features, k, splits)
+    return _run("decode", _decode_product, *args, eager=_decode_product)
 
 
 def group_dot(dw, packed, zero_point, bits, rows, in_features, k) -> torch.Tensor:
     """Fused per-group reduction of a weight-gradient block against ``q - z`` (float32, ``(rows, n_groups)``)."""
-    return _run("group_dot", _group_dot, dw, packed, zero_point, bits, rows, in_features, k)
+    return _run("group_dot", _group_dot, dw, packed, zero_point, bits, rows, in_features, k, eager=_group_dot)
+
+
+def run_compiled(name: str, fn: Callable, *args):
+    """``torch.compile(fn, dynamic=True)(*args)``, or None outside compiled mode or when compiling fails."""
+    return _run(name, fn, *args, dynamic=True)
 
 
 __all__ = [
@@ -256,6 +268,7 @@ __all__ = [
     "kernels",
     "plane_unit",
     "plane_width",
+    "run_compiled",
     "set_kernel_mode",
     "to_planes",
 ]
