@@ -35,7 +35,9 @@ from .packing import unpack_bits
 KERNEL_MODES = ("compiled", "eager", "reference")
 _ENV_VAR = "PEQA_KERNELS"
 # Distinct layer shapes x bit widths x dtypes each compile once (dynamic=False); a Llama has 4 linear shapes, so a
-# model with a few bit widths and dtypes stays far below this, and nothing falls back to eager silently.
+# model with a few bit widths and dtypes stays far below this, and nothing falls back to eager silently. Dynamo's
+# limit (8 by default) is raised to this once, process-wide, at the first compile (a context manager around every
+# call would cost ~20 us per call, as much as a small layer's whole decode kernel).
 _RECOMPILE_LIMIT = 256
 # Reduction splits tried (largest first) for the per-channel decode product: independent partial sums vectorize.
 _DECODE_SPLITS = (16, 8, 4, 2, 1)
@@ -218,9 +220,10 @@ def _run(name: str, fn: Callable, *args, eager: Optional[Callable] = None, dynam
         if compiled is None:
             compiled = torch.compile(fn, dynamic=dynamic, fullgraph=True, options=_INDUCTOR_OPTIONS)
             _compiled[name] = compiled
+            dynamo_config = torch._dynamo.config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
         try:
-            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-                return compiled(*args)
+            return compiled(*args)
         except Exception as exc:  # no C++ compiler, an unsupported device or dtype: same math, uncompiled
             warnings.warn(
                 f"peqa_peft: torch.compile of the packed-weight kernel {name!r} failed "
