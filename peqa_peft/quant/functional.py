@@ -72,7 +72,7 @@ def dequantize_packed(
 def _row_blocks(out_features: int, in_features: int, row_bytes: Optional[int]) -> list[tuple[int, int]]:
     """Row ranges ``[r0, r1)`` of at most ``_BLOCK_ELEMENTS`` weights, equal-sized where a divisor allows.
 
-    Equal blocks keep each compiled kernel at one shape per layer. Rows that do not start on a byte boundary
+    Equal blocks keep each compiled kernel at one shape per layer. Rows that are not whole packing units
     (``row_bytes`` None: odd shapes in natural order) are processed as one block.
     """
     budget = max(1, min(out_features, _BLOCK_ELEMENTS // in_features))
@@ -87,7 +87,8 @@ class _Layer:
 
     def __init__(self, bits, out_features, in_features, k):
         self.bits, self.out_features, self.in_features, self.k = bits, out_features, in_features, k
-        aligned = (in_features * bits) % 8 == 0
+        # Blocks of rows slice the packed stream: only possible where every row is whole packing units.
+        aligned = k == kernels.plane_unit(bits)[0]
         self.row_bytes = in_features * bits // 8 if aligned else None
         self.blocks = _row_blocks(out_features, in_features, self.row_bytes)
 

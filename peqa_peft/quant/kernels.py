@@ -117,10 +117,11 @@ def from_planes(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def _planes(packed: torch.Tensor, bits: int, rows: int, in_features: int, k: int) -> list[torch.Tensor]:
     """The ``k`` code planes of ``rows`` packed rows, each ``(rows, in_features // k)`` of an integer dtype."""
-    if k == 1:
+    k_unit, nbytes = plane_unit(bits)
+    if k != k_unit:  # natural order: rows or groups are not whole units
         return [unpack_bits(packed, bits, rows * in_features).view(rows, in_features)]
-    _, nbytes = plane_unit(bits)
-    units = packed.view(rows, in_features // k, nbytes)
+    # [:...] drops the padding of the last unit of the whole tensor (none inside a block of whole rows)
+    units = packed[: rows * in_features // k * nbytes].view(rows, in_features // k, nbytes)
     byte = [units[..., i] for i in range(nbytes)]
     mask = (1 << bits) - 1
     planes = []
