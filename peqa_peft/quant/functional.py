@@ -31,11 +31,11 @@ from . import kernels
 from .packing import unpack_bits
 from .quantizer import num_groups
 
-# Rows of the weight are dequantized and multiplied one block at a time: a block of this many entries (2 MiB in
+# Rows of the weight are dequantized and multiplied one block at a time: a block of this many entries (4 MiB in
 # fp32) stays in cache between the kernel that writes it and the matmul that reads it, and reusing small blocks
 # avoids the page faults of allocating a fresh weight-sized buffer at every call (they cost as much as the
 # dequantization itself). It also bounds the weight-gradient block of the grouped scale backward.
-_BLOCK_ELEMENTS = 1 << 19
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, out_features: int, in_features: int) -> torch.Tensor:
