@@ -20,6 +20,12 @@ OUT_F, IN_F, GROUP = 48, 64, 32
 FAST_COMPILED = {(4, None, torch.float32), (3, GROUP, torch.float32), (4, GROUP, torch.bfloat16)}
 
 
+@pytest.fixture(autouse=True)
+def compile_small_layers(monkeypatch):
+    """The test layers are tiny: make the compiled mode compile them anyway (it skips small layers by default)."""
+    monkeypatch.setattr(kernels, "COMPILE_MIN_WEIGHTS", 0)
+
+
 def _case(bits, group_size, seed=0):
     torch.manual_seed(seed)
     n_groups = 1 if group_size is None else IN_F // group_size
@@ -158,6 +164,14 @@ def test_plane_order_round_trip():
         assert torch.equal(kernels.from_planes(kernels.to_planes(x, k), k), x)
     # plane c holds columns c, c + k, ...: column i * k + c of x lands at c * (24 // k) + i
     assert torch.equal(kernels.to_planes(torch.arange(8.0), 4), torch.tensor([0.0, 4, 1, 5, 2, 6, 3, 7]))
+
+
+def test_small_layers_are_not_compiled(monkeypatch):
+    monkeypatch.setattr(kernels, "COMPILE_MIN_WEIGHTS", 1 << 18)
+    with kernels.kernels("compiled"):
+        assert kernels.compiles(1 << 18) and not kernels.compiles(OUT_F * IN_F)
+    with kernels.kernels("eager"):
+        assert not kernels.compiles(1 << 30)
 
 
 def test_kernel_mode_validation(monkeypatch):

@@ -13,8 +13,9 @@ the codes are unpacked in natural order (``k = 1``); the rest is the same code.
 
 Three modes, chosen by ``PEQA_KERNELS`` (env var, read at import) or :func:`set_kernel_mode`:
 
-- ``"compiled"`` (default): the kernels go through ``torch.compile``; if compiling fails once (no C++ compiler,
-  an unsupported device) a warning is printed and the mode drops to ``"eager"`` for the rest of the process.
+- ``"compiled"`` (default): the kernels go through ``torch.compile`` for calls on at least ``COMPILE_MIN_WEIGHTS``
+  weights (smaller ones run uncompiled); if compiling fails once (no C++ compiler, an unsupported device) a warning
+  is printed and the mode drops to ``"eager"`` for the rest of the process.
 - ``"eager"``: the same kernels, uncompiled (several elementwise passes, same results).
 - ``"reference"``: no kernels at all; :func:`peqa_peft.quant.packed_linear` dequantizes the weight in plain PyTorch
   and lets autograd differentiate ``F.linear``: the slow, obviously-correct path every fast path is tested against.
@@ -44,6 +45,10 @@ _DECODE_SPLITS = (16, 8, 4, 2, 1)
 _DECODE_MIN_RUN = 64  # ... each at least this long (four 16-float vectors)
 # Inductor stores an intermediate once an expression exceeds ~30 ops or 8 reads; unpacking 8 codes from 3 bytes
 # crosses that, and the split costs a weight-sized buffer plus a scalar second kernel. One fused loop is faster.
+# Below this many weights per call, compiling does not pay: the uncompiled kernels of a small layer cost about as much
+# as a compiled call's dispatch (~80 us), while compiling costs seconds per shape and the compiler's resident memory
+# (~150 MiB). Layers of real models (hidden >= 1024) are far above it; the bundled demo model is below it.
+COMPILE_MIN_WEIGHTS = 1 << 18
 _INDUCTOR_OPTIONS = {"realize_opcount_threshold": 1000, "realize_acc_reads_threshold": 64}
 
 _mode: Optional[str] = None
@@ -210,13 +215,19 @@ def _group_dot(
 _compiled: dict[str, Callable] = {}
 
 
-def _run(name: str, fn: Callable, *args, eager: Optional[Callable] = None, dynamic: bool = False):
+def compiles(numel: int) -> bool:
+    """Whether a kernel call on ``numel`` weights goes through ``torch.compile`` (compiled mode, large enough)."""
+    return kernel_mode() == "compiled" and numel >= COMPILE_MIN_WEIGHTS
+
+
+def _run(name: str, fn: Callable, *args, eager: Optional[Callable] = None, dynamic: bool = False, numel: int = 0):
     """``fn(*args)``, through ``torch.compile`` in compiled mode (falling back to eager once if compiling fails).
 
     ``eager`` replaces ``fn`` outside compiled mode (None: return None there), for kernels whose uncompiled form
     would materialize what the compiled one streams (e.g. every clipping candidate of the MSE search at once).
+    ``numel``: the weights the call covers, for :func:`compiles`.
     """
-    if kernel_mode() == "compiled":
+    if compiles(numel):
         compiled = _compiled.get(name)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=dynamic, fullgraph=True, options=_INDUCTOR_OPTIONS)
@@ -239,7 +250,7 @@ def _run(name: str, fn: Callable, *args, eager: Optional[Callable] = None, dynam
 def dequant_planes(packed, scale, zero_point, bits, rows, in_features, k, dtype) -> torch.Tensor:
     """Fused unpack + dequantize into plane order: ``(q - z)``, or ``s * (q - z)`` when ``scale`` is given."""
     args = (packed, scale, zero_point, bits, rows, in_features, k, dtype)
-    return _run("dequant", _dequant_planes, *args, eager=_dequant_planes)
+    return _run("dequant", _dequant_planes, *args, eager=_dequant_planes, numel=rows * in_features)
 
 
 def decode_product(x, packed, scale, zero_point, bits, rows, in_features, k) -> torch.Tensor:
@@ -249,21 +260,27 @@ def decode_product(x, packed, scale, zero_point, bits, rows, in_features, k) -> 
     # The permutation of x is a gather: done outside the kernel, so that the kernel only streams contiguous data.
     xp = to_planes(x.float(), k).contiguous()
     args = (xp, packed, scale, zero_point, bits, rows, in_features, k, splits)
-    return _run("decode", _decode_product, *args, eager=_decode_product)
+    return _run("decode", _decode_product, *args, eager=_decode_product, numel=rows * in_features)
 
 
 def group_dot(dw, packed, zero_point, bits, rows, in_features, k) -> torch.Tensor:
     """Fused per-group reduction of a weight-gradient block against ``q - z`` (float32, ``(rows, n_groups)``)."""
-    return _run("group_dot", _group_dot, dw, packed, zero_point, bits, rows, in_features, k, eager=_group_dot)
+    args = (dw, packed, zero_point, bits, rows, in_features, k)
+    return _run("group_dot", _group_dot, *args, eager=_group_dot, numel=rows * in_features)
 
 
 def run_compiled(name: str, fn: Callable, *args):
-    """``torch.compile(fn, dynamic=True)(*args)``, or None outside compiled mode or when compiling fails."""
-    return _run(name, fn, *args, dynamic=True)
+    """``torch.compile(fn, dynamic=True)(*args)``, or None outside compiled mode or when compiling fails.
+
+    The caller decides with :func:`compiles` whether its problem is large enough.
+    """
+    return _run(name, fn, *args, dynamic=True, numel=COMPILE_MIN_WEIGHTS)
 
 
 __all__ = [
+    "COMPILE_MIN_WEIGHTS",
     "KERNEL_MODES",
+    "compiles",
     "decode_product",
     "dequant_planes",
     "from_planes",

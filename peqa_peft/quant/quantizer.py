@@ -161,7 +161,7 @@ def compute_qparams(
         raise ValueError(f"need grid >= 1 and 0 <= max_shrink < 1, got grid={grid}, max_shrink={max_shrink}")
     maxq = 2**bits - 1
     w = _grouped(weight.detach().float(), group_size)
-    fused = method == "mse" and kernels.kernel_mode() == "compiled"
+    fused = method == "mse" and kernels.compiles(weight.numel())
     chunk = _FUSED_SEARCH_CHUNK_ELEMENTS if fused else _SEARCH_CHUNK_ELEMENTS
     rows = max(1, chunk // max(1, weight.shape[1]))
     scales, zeros = [], []
