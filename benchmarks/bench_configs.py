@@ -8,6 +8,7 @@ configurations start from the same pretrained float32 checkpoint and see the sam
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -48,6 +49,8 @@ class Built:
     deploy: Callable[[nn.Module], nn.Module]
     peft_adapters: bool = False
     notes: list[str] = field(default_factory=list)
+    quantize_s: Optional[float] = None  # seconds spent quantizing (wrapping) the linear weights
+    quantized_weights: Optional[int] = None  # how many weights that quantized
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,25 @@ def pick_group_size(model: nn.Module, wanted: int) -> tuple[int, str]:
     return group, note
 
 
+def _linear_numel(model: nn.Module, include_head: bool) -> int:
+    """Weights of the ``nn.Linear`` layers (optionally without ``lm_head``): what a quantizing wrapper converts."""
+    return sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (include_head or "lm_head" not in n)
+    )
+
+
+def _timed_wrap(model: nn.Module, config, include_head: bool) -> tuple[nn.Module, float, int]:
+    """``get_peft_model(model, config)`` with its wall time and the number of linear weights it quantized."""
+    from peft import get_peft_model
+
+    numel = _linear_numel(model, include_head)
+    start = time.perf_counter()
+    wrapped = get_peft_model(model, config)
+    return wrapped, time.perf_counter() - start, numel
+
+
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -128,15 +150,14 @@ def build_reference(ctx: Context, spec: Spec) -> Built:
 
 
 def build_peqa(ctx: Context, spec: Spec) -> Built:
-    from peft import get_peft_model
-
     from peqa_peft import PeqaConfig
 
     group = ctx.group_size if spec.params.get("grouped") else None
     config = PeqaConfig(bits=spec.params["bits"], group_size=group, target_modules="all-linear", task_type="CAUSAL_LM")
-    model = get_peft_model(load_base(ctx), config)
+    model, seconds, numel = _timed_wrap(load_base(ctx), config, include_head=False)
     notes = [ctx.group_note] if group and ctx.group_note else []
-    return Built(model, _adamw(model, ctx.lr["peqa"]), deploy=_merge, peft_adapters=True, notes=notes)
+    optimizer = _adamw(model, ctx.lr["peqa"])
+    return Built(model, optimizer, _merge, True, notes, quantize_s=seconds, quantized_weights=numel)
 
 
 def _lora_config():
@@ -173,7 +194,10 @@ def build_qlora(ctx: Context, spec: Spec) -> Built:
     from transformers import BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    start = time.perf_counter()
     base = load_base(ctx, quantization_config=quant, device_map={"": str(ctx.device)})
+    seconds = time.perf_counter() - start  # bitsandbytes quantizes while loading: includes reading the checkpoint
+    numel = sum(m.weight.numel() for m in base.modules() if isinstance(m, bnb.nn.Linear4bit))
     notes = []
     if ctx.device.type == "cpu":
         # bitsandbytes 0.50.2 repacks 4-bit weights for its AVX512-BF16 CPU kernel in eval mode and asserts
@@ -187,22 +211,20 @@ def build_qlora(ctx: Context, spec: Spec) -> Built:
     opt_cls = bnb.optim.PagedAdamW8bit if ctx.device.type == "cuda" else bnb.optim.AdamW8bit
     notes.append(f"{opt_cls.__name__}; LoRA merged into nf4 for deployment")
     optimizer = opt_cls(_trainable(model), lr=ctx.lr["lora"], weight_decay=0.0)
-    return Built(model, optimizer, deploy=_merge, peft_adapters=True, notes=notes)
+    return Built(model, optimizer, _merge, True, notes, quantize_s=seconds, quantized_weights=numel)
 
 
 def build_qft(ctx: Context, spec: Spec) -> Built:
-    from peft import get_peft_model
-
     from peqa_peft import IntLion, QftConfig
 
     base = load_base(ctx)
     # Full-parameter tuning: every linear layer including the output head becomes an integer weight.
     config = QftConfig(target_modules=linear_names(base, include_head=True), task_type="CAUSAL_LM")
-    model = get_peft_model(base, config)
+    model, seconds, numel = _timed_wrap(base, config, include_head=True)
     fused = bool(spec.params.get("fused"))
     optimizer = IntLion(_trainable(model), lr=ctx.lr["qft"], betas=(0.9, 0.99), fused=fused)
     notes = ["int8 + 1% fp outliers, int8 grads; embeddings frozen fp32"]
-    return Built(model, optimizer, deploy=lambda m: m, notes=notes)
+    return Built(model, optimizer, lambda m: m, notes=notes, quantize_s=seconds, quantized_weights=numel)
 
 
 def build_full(ctx: Context, spec: Spec) -> Built:

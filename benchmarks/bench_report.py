@@ -265,3 +265,99 @@ def _ppl_plot(plt, done: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- speed-only report (--llama-shaped)
+
+REF_QLORA = "qlora_nf4"
+REF_FP = "fp_ref"
+# Issue 8 measured the MSE clipping search at 1.4 M weights/s on this preset's model before the fused search.
+MSE_WEIGHTS_PER_S_BEFORE = 1.4e6
+
+
+def _mib(r: dict[str, Any]) -> Optional[float]:
+    return r.get("peak_rss_mib")
+
+
+def speed_only_table(results: list[dict[str, Any]]) -> list[str]:
+    """Step, tokens/s, decode, peak RSS and quantization speed, each as ratios to the peers of the same run."""
+    done = _by_name(results)
+    lora, qlora, full, fp = (done.get(n, {}) for n in (REF_SPEED, REF_QLORA, REF_STATE, REF_FP))
+    lines = [
+        "| configuration | step (ms) | step × LoRA-fp | step × QLoRA | step × full AdamW | tokens/s "
+        "| decode ms/token | decode × fp32 | peak RSS (MiB) [Δ pre-load] | RSS × full AdamW "
+        "| quantize (s) | quantized weights/s (M) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in done.values():
+        step = r.get("step_s")
+        rate = r.get("quant_weights_per_s")
+        lines.append(
+            f"| {r['label']} | {_fmt(step and step * 1e3, '.0f')} | {_fmt(_ratio(step, lora.get('step_s')))} "
+            f"| {_fmt(_ratio(step, qlora.get('step_s')))} | {_fmt(_ratio(step, full.get('step_s')))} "
+            f"| {_fmt(r.get('tokens_per_s'), '.0f')} | {_fmt(_ms(r.get('s_per_token')))} "
+            f"| {_fmt(_ratio(r.get('s_per_token'), fp.get('s_per_token')))} | {_rss(r)} "
+            f"| {_fmt(_ratio(_mib(r), _mib(full)))} | {_fmt(r.get('quantize_s'), '.1f')} "
+            f"| {_fmt(rate and rate / 1e6, '.1f')} |"
+        )
+    return lines
+
+
+def speed_target_checks(results: list[dict[str, Any]]) -> list[str]:
+    """Issue 8's speed targets on this run: one line each, MET / MISSED / not measured."""
+    done = _by_name(results)
+    lines: list[str] = []
+
+    def get(name: str, key: str) -> Optional[float]:
+        return done.get(name, {}).get(key)
+
+    def check(label: str, value: Optional[float], bound: float, fmt: str = ".2f", at_least: bool = False) -> None:
+        if value is None:
+            lines.append(f"- {label}: not measured")
+            return
+        met = value >= bound if at_least else value <= bound
+        sign = "≥" if at_least else "≤"
+        lines.append(f"- {label}: {value:{fmt}} (target {sign} {bound:{fmt}}) — **{'MET' if met else 'MISSED'}**")
+
+    check("PEQA 4-bit step / LoRA-fp", _ratio(get("peqa4", "step_s"), get(REF_SPEED, "step_s")), 1.1)
+    check("PEQA 4-bit step / QLoRA", _ratio(get("peqa4", "step_s"), get(REF_QLORA, "step_s")), 1.0)
+    check("PEQA 4-bit grouped step / LoRA-fp", _ratio(get("peqa4_g", "step_s"), get(REF_SPEED, "step_s")), 1.4)
+    check("PEQA 3-bit step / PEQA 4-bit step", _ratio(get("peqa3", "step_s"), get("peqa4", "step_s")), 1.1)
+    check("PEQA 4-bit decode / fp32", _ratio(get("peqa4", "s_per_token"), get(REF_FP, "s_per_token")), 1.0)
+    check("PEQA 3-bit decode / fp32", _ratio(get("peqa3", "s_per_token"), get(REF_FP, "s_per_token")), 1.2)
+    check("QFT step / fp32 AdamW full FT", _ratio(get("qft", "step_s"), get(REF_STATE, "step_s")), 1.3)
+    check("QFT peak RSS / fp32 AdamW full FT", _ratio(get("qft", "peak_rss_mib"), get(REF_STATE, "peak_rss_mib")), 0.5)
+    mse = get("peqa4", "quant_weights_per_s")
+    check(
+        "PEQA 4-bit MSE quantization weights/s / 1.4 M (issue 8's measurement before)",
+        mse and mse / MSE_WEIGHTS_PER_S_BEFORE,
+        10.0,
+        ".1f",
+        at_least=True,
+    )
+    return lines
+
+
+def write_speed_report(results: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path) -> None:
+    """``results.json`` and ``speed.md`` for a speed/memory-only run (no quality, no plots)."""
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+    settings = ", ".join(f"{k}={v}" for k, v in meta["settings"].items())
+    body = [
+        "# Speed and memory at real layer sizes",
+        "",
+        f"Date {meta['date']}; machine: {meta['machine']}, {meta['threads']} torch threads; "
+        f"command: `{meta['command']}`",
+        "",
+        f"Settings: {settings}. Wall time {meta['wall_s']:.0f} s. Step = forward + backward + optimizer step, median "
+        "of the timed steps; decode = greedy batch-1 generation with KV cache, prefill subtracted; quantize = "
+        "wrapping the linear layers (QLoRA: loading the checkpoint with bitsandbytes quantization).",
+        "",
+        *speed_only_table(results),
+        "",
+        "## Targets (issue 8)",
+        "",
+        *speed_target_checks(results),
+        "",
+        *(["## Skipped", "", *skipped_lines(results), ""] if skipped_lines(results) else []),
+    ]
+    (out_dir / "speed.md").write_text("\n".join(body) + "\n")

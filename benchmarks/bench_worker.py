@@ -158,21 +158,28 @@ def _phase(result: dict[str, Any], key: str, since: float) -> float:
 
 
 def run_spec(spec: Spec, ctx: Context, data: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
-    """Every figure of one configuration (``opts``: steps, warmup, eval_seq_len, gen_tokens, gen_repeats)."""
+    """Every figure of one configuration.
+
+    ``opts``: steps, warmup, eval_seq_len, gen_tokens, gen_repeats, and ``quality`` (default True): False skips the
+    perplexity evaluations and the adapter save/switch (speed/memory runs on random-weight models).
+    """
     result: dict[str, Any] = {"name": spec.name, "label": spec.label, "family": spec.family}
     reason = spec.skip_reason(ctx)
     if reason:
         return {**result, "skipped": reason}
+    quality = opts.get("quality", True)
     torch.manual_seed(0)
     result["rss_start_mib"] = rss_mib()
     start = time.perf_counter()
     built = spec.build(ctx, spec)
     result["build_s"] = time.perf_counter() - start
+    if built.quantize_s and built.quantized_weights:
+        result.update(quantize_s=built.quantize_s, quant_weights_per_s=built.quantized_weights / built.quantize_s)
     result["notes"] = [n for n in built.notes if n]
     n_params = data["n_params"]
     ids = data["eval_ids"].to(ctx.device)
     seq_len = opts["eval_seq_len"]
-    if spec.trains:  # quality before tuning: separates quantization error from what training recovered
+    if spec.trains and quality:  # quality before tuning: separates quantization error from what training recovered
         result["ppl_init"] = perplexity(built.model, input_ids=ids, seq_len=seq_len, progress=False).perplexity
     phase = time.perf_counter()
     if spec.trains:
@@ -182,9 +189,11 @@ def run_spec(spec: Spec, ctx: Context, data: dict[str, Any], opts: dict[str, Any
         state = {"weights": weight_bytes(built.model), "gradients": 0, "optimizer": 0}
         result.update(state_bytes=state, state_bytes_per_param={k: v / n_params for k, v in state.items()})
     phase = _phase(result, "train_s", phase)
-    result["ppl"] = perplexity(built.model, input_ids=ids, seq_len=seq_len, progress=False).perplexity
+    result["ppl"] = None
+    if quality:
+        result["ppl"] = perplexity(built.model, input_ids=ids, seq_len=seq_len, progress=False).perplexity
     phase = _phase(result, "eval_s", phase)
-    if spec.trains:
+    if spec.trains and quality:
         with tempfile.TemporaryDirectory() as tmp:
             result.update(save_and_switch(built, Path(tmp)))
     phase = _phase(result, "save_s", phase)

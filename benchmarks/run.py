@@ -3,6 +3,7 @@
     python benchmarks/run.py --quick --output-dir benchmarks/results      # bundled demo Llama, < 10 min on 2 CPUs
     python benchmarks/run.py --model meta-llama/Llama-2-7b-hf --output-dir out --steps 200   # any Hub id / path
     python benchmarks/run.py --tiny --configs lora_fp,peqa4 --output-dir /tmp/b   # smoke test of the harness
+    python benchmarks/run.py --llama-shaped --output-dir /tmp/speed   # speed/memory at real layer sizes (~15 min)
 
 Every configuration starts from the same float32 checkpoint, trains on the same Alpaca batches (loss on the
 response tokens only) and is evaluated on the same WikiText-2 tokens. Each configuration runs in its own forked
@@ -14,6 +15,13 @@ a missing API, GPU-only) are skipped with the reason printed and written to the 
 
 Outputs in ``--output-dir``: ``results.json``, ``results.md`` (tables), ``README_table.md`` (headline table with
 date, machine and command) and PNG plots.
+
+``--llama-shaped`` measures speed and memory only, at real layer sizes: a Llama with random weights (hidden 2048,
+intermediate 5632, 32 heads / 4 KV heads, 2 layers, vocab 32000; built from a config in a temporary directory at run
+time and deleted afterwards, never committed), one Alpaca example of up to 256 tokens per step, one torch thread.
+It writes ``speed.md`` (and ``results.json``): step time, tokens/s, decode ms/token, peak RSS and quantization
+weights/s of every configuration as ratios to LoRA-on-fp, QLoRA and fp32 AdamW full fine-tuning measured in the
+same run. Quality is not measured there (random weights); it stays on the pretrained demo model.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ import multiprocessing
 import os
 import platform
 import random
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +45,12 @@ sys.path.insert(0, str(HERE))  # bench_* helper modules live next to this script
 
 DEMO_MODEL = REPO / "assets" / "demo-llama"
 ALPACA = REPO / "assets" / "data" / "alpaca_data_5000.json"
+# The speed preset's model: the layer sizes of a 1B-class Llama (TinyLlama-1.1B's), 2 of its 22 layers.
+LLAMA_SHAPE = dict(
+    vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=2, num_attention_heads=32,
+    num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
+)  # fmt: skip
+LLAMA_SHAPED_CONFIGS = "lora_fp,fp_ref,peqa4,peqa4_g,peqa3,qlora_nf4,qft,full_adamw"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=str(HERE / "results"))
     p.add_argument("--quick", action="store_true", help="short settings for 2 CPU cores (< 10 min on the demo model)")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama and 2 steps: a smoke test of the harness")
+    p.add_argument(
+        "--llama-shaped",
+        action="store_true",
+        help="speed/memory only on a Llama-shaped random-weight model built at run time (see above)",
+    )
+    p.add_argument("--speed-only", action="store_true", help="skip perplexity and adapter I/O; write speed.md")
     p.add_argument("--configs", default="all", help="comma-separated configuration names (see --list)")
     p.add_argument("--list", action="store_true", help="list the configurations and exit")
     p.add_argument("--steps", type=int, default=None, help="training steps per configuration (same for all)")
@@ -68,10 +90,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _apply_presets(args: argparse.Namespace) -> None:
-    """Fill unset step/eval budgets from --tiny / --quick / full presets."""
+    """Fill unset step/eval budgets from --tiny / --quick / --llama-shaped / full presets."""
     preset = {"steps": 40, "warmup": 5, "eval_tokens": 0, "gen_tokens": 32}
     if args.quick:
         preset = {"steps": 20, "warmup": 4, "eval_tokens": 8192, "gen_tokens": 16, "threads": 1}
+    if args.llama_shaped:
+        preset = {"steps": 6, "warmup": 2, "eval_tokens": 512, "gen_tokens": 8, "threads": 1}
+        args.speed_only = True
+        if "--batch-size" not in args.argv:
+            args.batch_size = 1
+        if args.configs == "all":
+            args.configs = LLAMA_SHAPED_CONFIGS
     if args.tiny:
         preset = {"steps": 2, "warmup": 1, "eval_tokens": 512}
         args.batch_size, args.seq_len, args.eval_seq_len, args.gen_tokens = 2, 128, 64, 4
@@ -100,6 +129,20 @@ def make_tiny_model(out_dir: Path) -> str:
         )  # fmt: skip
         LlamaForCausalLM(config).save_pretrained(path)
         tok.save_pretrained(path)
+    return str(path)
+
+
+def make_llama_shaped_model(out_dir: Path) -> str:
+    """A random-weight Llama of :data:`LLAMA_SHAPE` with the demo tokenizer, saved under ``out_dir``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = out_dir / "llama-shaped"
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    special = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPE, **special)).save_pretrained(path)
+    tok.save_pretrained(path)
     return str(path)
 
 
@@ -162,6 +205,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     opts = {
         "steps": args.steps, "warmup": args.warmup, "eval_seq_len": min(args.eval_seq_len, _max_pos(data)),
         "gen_tokens": args.gen_tokens, "gen_repeats": 1 if args.tiny else 2 if args.quick else 3,
+        "quality": not args.speed_only,
     }  # fmt: skip
     result = run_spec(spec, ctx, data, opts)
     result.update(group_size=group, n_params=data["n_params"], device=str(device))
@@ -262,20 +306,31 @@ def machine_description() -> str:
 
 def orchestrate(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run every selected configuration, print progress and skip reasons, write the report."""
-    from bench_report import write_report
-
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     in_process = args.in_process or "fork" not in multiprocessing.get_all_start_methods()
     if args.tiny:
         args.model = _call(make_tiny_model, out_dir, in_process)
+    if args.llama_shaped:  # random weights of real size: built here, deleted afterwards, never in the repo
+        model_dir = Path(tempfile.mkdtemp(prefix="peqa-llama-shaped-"))
+        try:
+            args.model = _call(make_llama_shaped_model, model_dir, in_process)
+            return _run_all(args, out_dir, in_process)
+        finally:
+            shutil.rmtree(model_dir, ignore_errors=True)
+    return _run_all(args, out_dir, in_process)
+
+
+def _run_all(args: argparse.Namespace, out_dir: Path, in_process: bool) -> list[dict[str, Any]]:
+    from bench_report import write_report, write_speed_report
+
     start = time.time()
     results = []
     for name in _selected(args):
         t0 = time.time()
         result = _run_in_process(name, args) if in_process else _run_forked(name, args)
         results.append(result)
-        status = f"SKIPPED: {result['skipped']}" if "skipped" in result else f"ppl {result['ppl']:.2f}"
+        status = f"SKIPPED: {result['skipped']}" if "skipped" in result else _status(result)
         print(f"[{time.time() - start:6.0f}s] {name:<16} {time.time() - t0:5.1f}s  {status}", flush=True)
     meta = {
         "date": time.strftime("%Y-%m-%d"),
@@ -284,11 +339,23 @@ def orchestrate(args: argparse.Namespace) -> list[dict[str, Any]]:
         "wall_s": time.time() - start,
         "threads": args.threads or _default_threads(),
         "settings": {k: getattr(args, k) for k in ("model", "steps", "warmup", "batch_size", "seq_len")}
+        | ({"model": "Llama-shaped random weights " + str(LLAMA_SHAPE)} if args.llama_shaped else {})
         | {k: getattr(args, k) for k in ("eval_tokens", "eval_seq_len", "group_size", "gen_tokens")},
     }
-    write_report(results, meta, out_dir)
-    print(f"wrote {out_dir}/results.md, README_table.md, results.json and plots in {time.time() - start:.0f}s")
+    if args.speed_only:
+        write_speed_report(results, meta, out_dir)
+        print(f"wrote {out_dir}/speed.md and results.json in {time.time() - start:.0f}s")
+    else:
+        write_report(results, meta, out_dir)
+        print(f"wrote {out_dir}/results.md, README_table.md, results.json and plots in {time.time() - start:.0f}s")
     return results
+
+
+def _status(result: dict[str, Any]) -> str:
+    if result.get("ppl") is not None:
+        return f"ppl {result['ppl']:.2f}"
+    step = result.get("step_s")
+    return f"step {step * 1e3:.0f} ms" if step else "done"
 
 
 def main(argv: list[str] | None = None) -> None:

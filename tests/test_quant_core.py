@@ -121,7 +121,12 @@ def test_pack_rejects_out_of_range_codes():
 @pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_linear_grads_match_dequantized_reference(bits, group_size, dtype):
-    """Forward and all three gradients of the fused op equal autograd through a dense dequantized weight."""
+    """Forward and all three gradients of the fused op equal autograd through a dense dequantized weight.
+
+    Runs the uncompiled kernels (same algorithm, no compile time); tests/test_fast_paths.py covers the compiled ones.
+    """
+    from peqa_peft.quant import kernels
+
     torch.manual_seed(0)
     out_f, in_f = 48, 64
     codes = torch.randint(0, 2**bits, (out_f, in_f), dtype=torch.uint8)
@@ -130,9 +135,10 @@ def test_packed_linear_grads_match_dequantized_reference(bits, group_size, dtype
     zero = torch.randint(0, 2**bits, (out_f, n_groups)).float().requires_grad_(True)
     x = torch.randn(2, 5, in_f, dtype=dtype, requires_grad=True)
     bias = torch.randn(out_f)
-    y = packed_linear(x, pack_bits(codes, bits), scale, zero, bits, out_f, in_f, bias)
-    grad_out = torch.randn_like(y)
-    (y * grad_out).sum().backward()
+    with kernels.kernels("eager"):
+        y = packed_linear(x, pack_bits(codes, bits), scale, zero, bits, out_f, in_f, bias)
+        grad_out = torch.randn_like(y)
+        (y * grad_out).sum().backward()
 
     s_ref, z_ref = scale.detach().clone().requires_grad_(True), zero.detach().clone().requires_grad_(True)
     x_ref = x.detach().float().requires_grad_(True)
@@ -151,35 +157,38 @@ def test_packed_linear_grads_match_dequantized_reference(bits, group_size, dtype
     torch.testing.assert_close(zero.grad, z_ref.grad, **tol(z_ref.grad))
 
 
-def test_scale_backward_never_builds_a_full_weight_gradient(monkeypatch):
-    """With a small chunk budget the weight gradient exists only a few rows at a time."""
-    from peqa_peft.quant import functional
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_scale_backward_never_builds_a_full_weight_gradient(monkeypatch, group_size):
+    """Weight-sized tensors exist only a block of rows at a time; per channel no weight gradient exists at all."""
+    from peqa_peft.quant import functional, kernels
 
-    monkeypatch.setattr(functional, "_GRAD_CHUNK_ELEMENTS", 64 * 4)  # 4 rows of 64 inputs
-    seen_shapes = []
-    original = functional._scale_zero_grads
+    monkeypatch.setattr(functional, "_BLOCK_ELEMENTS", 64 * 4)  # 4 rows of 64 inputs
+    dequant_rows, grad_blocks = [], []
+    real_dequant, real_dot = kernels.dequant_planes, kernels.group_dot
 
-    def spy(grad_out, x, codes, *args):
-        real_matmul = torch.Tensor.__matmul__
+    def dequant(packed, scale, zero, bits, rows, *args):
+        dequant_rows.append(rows)
+        return real_dequant(packed, scale, zero, bits, rows, *args)
 
-        def matmul(a, b):
-            result = real_matmul(a, b)
-            seen_shapes.append(tuple(result.shape))
-            return result
+    def group_dot(dw, *args):
+        grad_blocks.append(tuple(dw.shape))
+        return real_dot(dw, *args)
 
-        monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
-        try:
-            return original(grad_out, x, codes, *args)
-        finally:
-            monkeypatch.setattr(torch.Tensor, "__matmul__", real_matmul)
-
-    monkeypatch.setattr(functional, "_scale_zero_grads", spy)
+    monkeypatch.setattr(kernels, "dequant_planes", dequant)
+    monkeypatch.setattr(kernels, "group_dot", group_dot)
     codes = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
-    scale = torch.full((32, 1), 0.01, requires_grad=True)
-    y = packed_linear(torch.randn(3, 64), pack_bits(codes, 4), scale, torch.full((32, 1), 8.0), 4, 32, 64)
-    y.sum().backward()
-    assert seen_shapes and all(rows * cols <= 64 * 4 for rows, cols in seen_shapes)
-    assert scale.grad.shape == (32, 1)
+    n_groups = 1 if group_size is None else 64 // group_size
+    scale = torch.full((32, n_groups), 0.01, requires_grad=True)
+    x = torch.randn(3, 64, requires_grad=True)
+    with kernels.kernels("eager"):
+        y = packed_linear(x, pack_bits(codes, 4), scale, torch.full((32, n_groups), 8.0), 4, 32, 64)
+        y.sum().backward()
+    assert dequant_rows and all(rows <= 4 for rows in dequant_rows)
+    if group_size is None:
+        assert not grad_blocks  # dL/ds comes from the saved y0, no G^T X at all
+    else:
+        assert grad_blocks and all(rows * cols <= 64 * 4 for rows, cols in grad_blocks)
+    assert scale.grad.shape == (32, n_groups) and x.grad.shape == x.shape
 
 
 def test_quant_linear_from_linear_and_conv1d():

@@ -3,6 +3,7 @@
 Both methods of the package build on it: PEQA (scale-only adapters over packed low-bit weights) and QFT.
 """
 
+from . import kernels
 from .functional import dequantize_packed, packed_linear, unpack_codes
 from .linear import QuantLinear
 from .packing import pack_bits, packed_numel, unpack_bits
@@ -23,6 +24,7 @@ __all__ = [
     "compute_qparams",
     "dequantize",
     "dequantize_packed",
+    "kernels",
     "fake_quantize",
     "num_groups",
     "pack_bits",

@@ -17,11 +17,15 @@ from typing import Literal, Optional
 
 import torch
 
+from . import kernels
+
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 QuantMethod = Literal["mse", "minmax"]
 
 # Row chunk for the clipping search: bounds the temporaries to about this many elements per candidate ratio.
 _SEARCH_CHUNK_ELEMENTS = 1 << 22
+# The compiled search reads each chunk once per candidate: a chunk of this many weights (1 MiB) stays in cache.
+_FUSED_SEARCH_CHUNK_ELEMENTS = 1 << 18
 
 
 def validate_bits(bits: int) -> None:
@@ -66,19 +70,29 @@ def _group_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq:
     return ((q - z) * s - w).pow_(2).sum(-1)
 
 
-def _search_chunk(w: torch.Tensor, maxq: int, method: QuantMethod, grid: int, max_shrink: float):
-    # Including 0 in the range keeps exact zeros representable and makes constant groups well defined.
+def _range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's ``[min, max]`` widened to include 0 (exact zeros stay representable; constant groups get +-1)."""
     xmin = w.amin(-1).clamp(max=0)
     xmax = w.amax(-1).clamp(min=0)
     degenerate = (xmax - xmin) == 0
     xmin = torch.where(degenerate, -torch.ones_like(xmin), xmin)
     xmax = torch.where(degenerate, torch.ones_like(xmax), xmax)
+    return xmin, xmax
+
+
+def _ratios(grid: int, max_shrink: float) -> list[float]:
+    """The clipping ratios tried, in order: the full range first, then ``1 - i / grid``."""
+    return [1.0] + [1.0 - i / grid for i in range(1, int(max_shrink * grid))]
+
+
+def _search_chunk(w: torch.Tensor, maxq: int, method: QuantMethod, grid: int, max_shrink: float):
+    """One candidate at a time: the plain reference of the search (several passes over ``w`` per candidate)."""
+    xmin, xmax = _range(w)
     best_scale, best_zero = _qparams_from_range(xmin, xmax, maxq)
     if method == "minmax":
         return best_scale, best_zero
     best_err = _group_error(w, best_scale, best_zero, maxq)
-    for i in range(1, int(max_shrink * grid)):
-        ratio = 1.0 - i / grid
+    for ratio in _ratios(grid, max_shrink)[1:]:
         scale, zero = _qparams_from_range(ratio * xmin, ratio * xmax, maxq)
         err = _group_error(w, scale, zero, maxq)
         better = err < best_err
@@ -86,6 +100,31 @@ def _search_chunk(w: torch.Tensor, maxq: int, method: QuantMethod, grid: int, ma
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
+
+
+def _all_candidate_errors(w, xmin, xmax, ratios, maxq: int):
+    """Squared errors ``(candidates, rows, groups)`` of every clipping ratio, with their scales and zero-points.
+
+    The same elementwise operations as :func:`_qparams_from_range` and :func:`_group_error`; compiled, the
+    candidates x weights broadcast becomes one reduction loop that never materializes it.
+    """
+    r = ratios.view(-1, 1, 1)
+    scale, zero = _qparams_from_range(r * xmin, r * xmax, maxq)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+    return ((q - z) * s - w).pow(2).sum(-1), scale, zero
+
+
+def _fused_search_chunk(w: torch.Tensor, maxq: int, grid: int, max_shrink: float):
+    """The MSE search with all candidates in one compiled pass; the first best candidate wins, as in the loop."""
+    xmin, xmax = _range(w)
+    ratios = torch.tensor(_ratios(grid, max_shrink), dtype=torch.float32, device=w.device)
+    result = kernels.run_compiled("mse_search", _all_candidate_errors, w, xmin, xmax, ratios, maxq)
+    if result is None:  # compiling failed: the candidate loop
+        return _search_chunk(w, maxq, "mse", grid, max_shrink)
+    err, scale, zero = result
+    best = err.argmin(0, keepdim=True)  # argmin returns the first minimum: ties keep the earlier (wider) range
+    return scale.gather(0, best)[0], zero.gather(0, best)[0]
 
 
 @torch.no_grad()
@@ -122,10 +161,16 @@ def compute_qparams(
         raise ValueError(f"need grid >= 1 and 0 <= max_shrink < 1, got grid={grid}, max_shrink={max_shrink}")
     maxq = 2**bits - 1
     w = _grouped(weight.detach().float(), group_size)
-    rows = max(1, _SEARCH_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    fused = method == "mse" and kernels.compiles(weight.numel())
+    chunk = _FUSED_SEARCH_CHUNK_ELEMENTS if fused else _SEARCH_CHUNK_ELEMENTS
+    rows = max(1, chunk // max(1, weight.shape[1]))
     scales, zeros = [], []
     for start in range(0, w.shape[0], rows):
-        s, z = _search_chunk(w[start : start + rows], maxq, method, grid, max_shrink)
+        block = w[start : start + rows]
+        if fused:
+            s, z = _fused_search_chunk(block, maxq, grid, max_shrink)
+        else:
+            s, z = _search_chunk(block, maxq, method, grid, max_shrink)
         scales.append(s)
         zeros.append(z)
     return torch.cat(scales), torch.cat(zeros)
