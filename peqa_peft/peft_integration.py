@@ -146,7 +146,12 @@ def check_saved_adapter(model, model_id: str, config=None, existing=None, **kwar
             with safe_open(local, framework="pt") as f:
                 check_peft_type(dict.fromkeys(f.keys()), peft_type, model_id)
         return
-    weights = load_peft_weights(model_id, device="cpu", **hub_kwargs)
+    try:
+        weights = load_peft_weights(model_id, device="cpu", **hub_kwargs)
+    except (OSError, ValueError):
+        raise
+    except Exception as err:  # safetensors raises its own SafetensorError for a corrupt file
+        raise ValueError(f"{model_id}: cannot read the adapter weights: {err}") from err
     if config is None:
         config = PeqaConfig.from_pretrained(model_id, **hub_kwargs)
     check_adapter_weights(weights, config, model, model_id)
