@@ -17,6 +17,10 @@ patch_peft_model()
 from .optim import IntLion  # noqa: E402
 from .quant import QuantLinear, compute_qparams, fake_quantize, pack_bits, unpack_bits  # noqa: E402
 from .tuners import PeqaConfig, PeqaModel, QftConfig, QftModel  # noqa: E402
+from .tuners.peqa.backends.compressed_tensors import install_compat_fixes  # noqa: E402
+
+# transformers 5.2x + compressed-tensors 0.20 cannot load asymmetric pack-quantized checkpoints by default; see there.
+install_compat_fixes()
 from .utils import quantized_layer_bytes  # noqa: E402
 
 __version__ = "0.1.0"

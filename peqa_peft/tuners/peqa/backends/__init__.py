@@ -1,0 +1,65 @@
+"""Which PEQA base layer each kind of target module becomes: one dispatcher, one module per weight format.
+
+PEFT's LoRA picks a layer class per backend (``_create_new_module`` tries bitsandbytes, GPTQ, torchao, ... in turn);
+PEQA always ends up with the same base layer, a packed :class:`~peqa_peft.quant.QuantLinear`, so its dispatcher picks
+the *reader* instead: how to obtain integer codes, ``s0`` and ``z0`` from the module that is there.
+
+- ``quant_linear``: a ``QuantLinear`` (built by ``PeqaQuantizationConfig`` while loading, or left by ``unload()``):
+  reused as it is.
+- ``compressed_tensors``: a linear layer loaded from a compressed-tensors checkpoint (llm-compressor's RTN, GPTQ, AWQ
+  output): the checkpoint's integers, scales and zero-points are taken over, nothing is re-quantized.
+- ``gptq``: a GPTQ-format layer (``qweight``/``qzeros``/``scales``/``g_idx``, as GPTQModel and AutoGPTQ load them).
+- ``dense``: ``nn.Linear`` / transformers ``Conv1D`` with a float weight: quantized once (PEQA's initialization).
+
+Every backend module defines ``NAME``, ``matches(module)``, ``check(module, config, key)`` (raises a one-line
+``ValueError``/``TypeError`` naming the layer, before anything is replaced) and ``to_quant_linear(module, config,
+key)``. The first backend whose ``matches`` is true handles a module, so the specific formats come before ``dense``.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from torch import nn
+
+from ....quant import QuantLinear
+from ..config import PeqaConfig
+from . import compressed_tensors, dense, gptq, quant_linear
+
+BACKENDS: tuple[ModuleType, ...] = (quant_linear, compressed_tensors, gptq, dense)
+
+
+def find_backend(module: nn.Module) -> ModuleType | None:
+    """The backend that reads ``module``, or ``None`` when PEQA cannot use it as a base layer."""
+    return next((backend for backend in BACKENDS if backend.matches(module)), None)
+
+
+def check_target(module: nn.Module, config: PeqaConfig, key: str) -> ModuleType:
+    """Validate one target against ``config`` (no side effects); return its backend."""
+    backend = find_backend(module)
+    if backend is None:
+        raise TypeError(
+            f"Target module '{key}' is a {type(module).__name__}; PEQA supports torch.nn.Linear, transformers' "
+            "Conv1D, its own QuantLinear, compressed-tensors integer layers and GPTQ-format layers. Adjust "
+            "`target_modules` or add it to `exclude_modules`."
+        )
+    backend.check(module, config, key)
+    return backend
+
+
+def to_quant_linear(module: nn.Module, config: PeqaConfig, key: str) -> QuantLinear:
+    """The packed base layer for ``module`` (checked first)."""
+    return check_target(module, config, key).to_quant_linear(module, config, key)
+
+
+def check_adopted_grid(bits: int, group_size: int | None, config: PeqaConfig, key: str, source: str) -> None:
+    """A PeqaConfig must state the grid of an already quantized layer: silently re-quantizing would lose it."""
+    if (bits, group_size) != (config.bits, config.group_size):
+        raise ValueError(
+            f"Layer '{key}' is already quantized ({source}: bits={bits}, group_size={group_size}) but the PeqaConfig "
+            f"asks for bits={config.bits}, group_size={config.group_size}; PEQA adopts the existing integers and "
+            f"scales, so pass PeqaConfig(bits={bits}, group_size={group_size}, ...) or exclude the layer."
+        )
+
+
+__all__ = ["BACKENDS", "check_adopted_grid", "check_target", "find_backend", "to_quant_linear"]
