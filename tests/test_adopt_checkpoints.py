@@ -116,7 +116,11 @@ def test_unsupported_schemes_are_refused_naming_layer_and_scheme():
     model = AutoModelForCausalLM.from_pretrained(ASYM4)
     target = model.model.layers[1].mlp.up_proj
     target.quantization_scheme = target.quantization_scheme.model_copy(
-        update={"input_activations": QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)}
+        update={
+            "input_activations": QuantizationArgs(
+                num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True
+            )
+        }
     )
     with pytest.raises(ValueError, match=r"layers\.1\.mlp\.up_proj.*int4 channel asymmetric with activation"):
         get_peft_model(model, peqa_config(meta))

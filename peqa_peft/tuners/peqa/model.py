@@ -63,6 +63,11 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
             self._pending_quant = {}
         self._record_fingerprint(model, config, adapter_name)
 
+    def _prepare_adapter_config(self, peft_config: PeqaConfig, model_config: dict) -> PeqaConfig:
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)
+        # "all-linear" must also cover already quantized layers (QuantLinear, GPTQ), which PEFT does not know
+        return backends.resolve_all_linear(peft_config, self.model)
+
     def _quantize_targets(self, model: nn.Module, config: PeqaConfig) -> dict[str, QuantLinear]:
         """Validate every target, then build the packed base of each one (the model itself is not touched here).
 

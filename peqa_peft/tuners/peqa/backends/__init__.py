@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
 from ....quant import QuantLinear
@@ -52,6 +54,33 @@ def to_quant_linear(module: nn.Module, config: PeqaConfig, key: str) -> QuantLin
     return check_target(module, config, key).to_quant_linear(module, config, key)
 
 
+def resolve_all_linear(config: PeqaConfig, model: nn.Module) -> PeqaConfig:
+    """Expand ``target_modules="all-linear"`` to every layer a backend can read, as PEFT does for ``nn.Linear``.
+
+    PEFT's own expansion only knows ``nn.Linear`` / ``Conv1D``; a model loaded with ``PeqaQuantizationConfig`` or
+    from a GPTQ checkpoint has its linear layers in other classes. The output head stays excluded, as in PEFT, and
+    so do modules inside existing adapter layers (the adapter layers themselves are kept, for a second adapter).
+    """
+    target = config.target_modules
+    if not (isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+        return config
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inner = {
+        f"{prefix}.{suffix}" if prefix else suffix
+        for prefix, m in model.named_modules()
+        if isinstance(m, BaseTunerLayer)
+        for suffix, _ in m.named_modules()
+        if suffix
+    }
+    names = {
+        name
+        for name, m in model.named_modules()
+        if name and name not in inner and m is not head and (isinstance(m, BaseTunerLayer) or find_backend(m))
+    }
+    config.target_modules = names
+    return config
+
+
 def check_adopted_grid(bits: int, group_size: int | None, config: PeqaConfig, key: str, source: str) -> None:
     """A PeqaConfig must state the grid of an already quantized layer: silently re-quantizing would lose it."""
     if (bits, group_size) != (config.bits, config.group_size):
@@ -62,4 +91,4 @@ def check_adopted_grid(bits: int, group_size: int | None, config: PeqaConfig, ke
         )
 
 
-__all__ = ["BACKENDS", "check_adopted_grid", "check_target", "find_backend", "to_quant_linear"]
+__all__ = ["BACKENDS", "check_adopted_grid", "check_target", "find_backend", "resolve_all_linear", "to_quant_linear"]
