@@ -15,6 +15,8 @@ directly (``pre_quantized``), without any float weight at all.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import re
 from typing import Any, Optional
 
@@ -33,6 +35,17 @@ from .quantizer import compute_qparams, quantize, validate_bits, validate_group_
 
 QUANT_METHOD = "peqa"
 _PLACEHOLDER = "weight"
+
+
+def _load_malloc_trim():
+    """glibc's ``malloc_trim`` (``None`` elsewhere): hands freed heap memory back to the operating system."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
 
 
 class PeqaQuantizationConfig(QuantizationConfigMixin):
@@ -126,6 +139,12 @@ class PeqaQuantize(ConversionOps):
             del module._parameters[_PLACEHOLDER]
             if missing_keys is not None:
                 missing_keys.discard(param_name)
+        # Each layer's float copy and search temporaries are freed here, but glibc keeps freed blocks of its heap
+        # mapped; over hundreds of layers that retained memory grew to about the size of the packed model (measured
+        # on a 1.1B Llama: 3.0 GB vs 0.5 GB anonymous RSS). Trimming after every layer keeps the loader's footprint
+        # at the packed model plus one layer's temporaries.
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
         return result
 
 
