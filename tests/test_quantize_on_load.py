@@ -1,5 +1,6 @@
 """Quantize while loading: from_pretrained(..., quantization_config=PeqaQuantizationConfig(...))."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -114,3 +115,15 @@ def test_gpt2_conv1d_with_biases(tmp_path):
     assert len(quantized_layers(reloaded)) == len(layers)
     torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=0)
     assert peqa_peft.PeqaQuantizationConfig is PeqaQuantizationConfig
+
+
+@pytest.mark.slow
+def test_start_from_low_bits_example(tmp_path):
+    cmd = [sys.executable, str(REPO / "examples" / "start_from_low_bits.py"), "--steps", "1"]
+    result = subprocess.run(
+        [*cmd, "--output-dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    for flow in ("quantize_on_load", "adopted"):
+        assert summary[flow]["identical_reload"] is True and summary[flow]["merged_max_diff"] < 1e-4
