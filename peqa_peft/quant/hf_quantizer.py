@@ -163,6 +163,7 @@ def _replace_linears(model: nn.Module, config: PeqaQuantizationConfig, with_plac
         if module.bias is not None:
             layer.bias = nn.Parameter(torch.empty_like(module.bias, device="meta"), requires_grad=False)
         layer.source_is_conv1d = isinstance(module, Conv1D)
+        layer.source_dtype = module.weight.dtype  # the dtype PEFT creates this layer's adapter weights in
         if with_placeholder:
             layer.register_parameter(
                 _PLACEHOLDER, nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
@@ -51,7 +52,29 @@ def check_target(module: nn.Module, config: PeqaConfig, key: str) -> ModuleType:
 
 def to_quant_linear(module: nn.Module, config: PeqaConfig, key: str) -> QuantLinear:
     """The packed base layer for ``module`` (checked first)."""
-    return check_target(module, config, key).to_quant_linear(module, config, key)
+    layer = check_target(module, config, key).to_quant_linear(module, config, key)
+    source_bias = getattr(module, "bias", None)
+    if layer.bias is not None and layer.bias.is_meta and source_bias is not None and not source_bias.is_meta:
+        # PEFT builds new layers under `init_empty_weights` when low_cpu_mem_usage=True, which puts every parameter
+        # registered meanwhile on the meta device. The bias is base-model state that no adapter file restores, so it
+        # is re-attached with its values (writing `_parameters` directly bypasses the patched register_parameter).
+        layer._parameters["bias"] = nn.Parameter(source_bias.detach().clone(), requires_grad=False)
+    if getattr(layer, "source_dtype", None) is None:
+        layer.source_dtype = source_dtype(module)
+    return layer
+
+
+def source_dtype(module: nn.Module):
+    """The float dtype of the layer PEQA replaces: PEFT creates adapter weights in it (then autocasts to fp32).
+
+    A float weight's dtype; else the dtype of the checkpoint's scales (llm-compressor and GPTQ store them in the
+    model's dtype); ``None`` when neither exists.
+    """
+    for name in ("weight", "weight_scale", "scales", "bias"):
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            return tensor.dtype
+    return None
 
 
 def resolve_all_linear(config: PeqaConfig, model: nn.Module) -> PeqaConfig:
