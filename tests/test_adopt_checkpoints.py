@@ -185,6 +185,19 @@ def test_delta_s_saves_reloads_in_a_fresh_process_and_merges(tmp_path):
     merged = model.merge_and_unload()
     assert isinstance(merged.model.layers[0].self_attn.q_proj, QuantLinear)
     torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-5, atol=1e-5)
+    # the merged model is a fine-tuned low-bit checkpoint: it saves and reloads as a PEQA-quantized model
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert reloaded.config.quantization_config.quant_method == "peqa"
+    torch.testing.assert_close(logits(reloaded, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_adoption_warns_that_the_model_cannot_be_saved_whole():
+    meta, _ = writer(ASYM4)
+    model = AutoModelForCausalLM.from_pretrained(ASYM4)
+    with pytest.warns(UserWarning, match="not adopted by PEQA"):
+        get_peft_model(model, PeqaConfig(bits=4, target_modules=["q_proj"]))
+    assert model.config.quantization_config.quant_method == "compressed-tensors"
 
 
 def test_adapter_refuses_a_base_with_another_grid(tmp_path):

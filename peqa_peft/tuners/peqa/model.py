@@ -62,6 +62,7 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
         finally:
             self._pending_quant = {}
         self._record_fingerprint(model, config, adapter_name)
+        backends.hand_over_quantization(model, config)
 
     def _prepare_adapter_config(self, peft_config: PeqaConfig, model_config: dict) -> PeqaConfig:
         peft_config = super()._prepare_adapter_config(peft_config, model_config)

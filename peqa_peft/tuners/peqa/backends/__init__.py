@@ -18,6 +18,7 @@ key)``. The first backend whose ``matches`` is true handles a module, so the spe
 
 from __future__ import annotations
 
+import warnings
 from types import ModuleType
 
 import torch
@@ -104,6 +105,40 @@ def resolve_all_linear(config: PeqaConfig, model: nn.Module) -> PeqaConfig:
     return config
 
 
+def hand_over_quantization(model: nn.Module, config: PeqaConfig) -> bool:
+    """Make a model whose quantized checkpoint layers were all adopted save and reload as a PEQA-quantized model.
+
+    transformers keeps the checkpoint's quantizer (compressed-tensors, GPTQ) on the model; once every layer of that
+    format is a ``QuantLinear``, ``save_pretrained`` (e.g. of ``merge_and_unload()``) would write PEQA's tensors under
+    the old ``quantization_config`` and the reload would silently mis-read them. So the model's quantization metadata
+    becomes PEQA's (``PeqaQuantizationConfig`` naming the adopted layers) and compressed-tensors' decompress-on-first-
+    forward hook is removed. Returns whether it handed over (not when some layers of the old format remain).
+    """
+    from ....quant.hf_quantizer import PeqaHfQuantizer, PeqaQuantizationConfig
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or isinstance(quantizer, PeqaHfQuantizer):
+        return False
+    if any(find_backend(m) in (compressed_tensors, gptq) for m in model.modules()):
+        warnings.warn(
+            "Some layers of the quantized checkpoint were not adopted by PEQA, so the model keeps the checkpoint's "
+            "quantization_config: save_pretrained of it (or of merge_and_unload()) would not reload correctly. "
+            "Save the adapter instead, or target every quantized layer.",
+            stacklevel=3,
+        )
+        return False
+    hook = getattr(model, "ct_decompress_hook", None)
+    if hook is not None:
+        hook.remove()
+        del model.ct_decompress_hook
+    names = sorted({n.removesuffix(".base_layer") for n, m in model.named_modules() if isinstance(m, QuantLinear)})
+    qconfig = PeqaQuantizationConfig(bits=config.bits, group_size=config.group_size, target_modules=names)
+    model.hf_quantizer = PeqaHfQuantizer(qconfig, pre_quantized=True)
+    model.config.quantization_config = qconfig
+    model.quantization_method = qconfig.quant_method
+    return True
+
+
 def check_adopted_grid(bits: int, group_size: int | None, config: PeqaConfig, key: str, source: str) -> None:
     """A PeqaConfig must state the grid of an already quantized layer: silently re-quantizing would lose it."""
     if (bits, group_size) != (config.bits, config.group_size):
@@ -114,4 +149,12 @@ def check_adopted_grid(bits: int, group_size: int | None, config: PeqaConfig, ke
         )
 
 
-__all__ = ["BACKENDS", "check_adopted_grid", "check_target", "find_backend", "resolve_all_linear", "to_quant_linear"]
+__all__ = [
+    "BACKENDS",
+    "hand_over_quantization",
+    "check_adopted_grid",
+    "check_target",
+    "find_backend",
+    "resolve_all_linear",
+    "to_quant_linear",
+]
