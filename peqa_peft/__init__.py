@@ -16,7 +16,15 @@ patch_peft_model()
 
 from .optim import IntLion  # noqa: E402
 from .quant import QuantLinear, compute_qparams, fake_quantize, pack_bits, unpack_bits  # noqa: E402
+from .quant.hf_quantizer import PeqaQuantizationConfig  # noqa: E402
+from .quant.hf_quantizer import register as _register_quantizer  # noqa: E402
 from .tuners import PeqaConfig, PeqaModel, QftConfig, QftModel  # noqa: E402
+from .tuners.peqa.backends.compressed_tensors import install_compat_fixes  # noqa: E402
+
+# transformers 5.2x + compressed-tensors 0.20 cannot load asymmetric pack-quantized checkpoints by default; see there.
+install_compat_fixes()
+# from_pretrained(..., quantization_config=PeqaQuantizationConfig(bits=4)) quantizes while loading
+_register_quantizer()
 from .utils import quantized_layer_bytes  # noqa: E402
 
 __version__ = "0.1.0"
@@ -25,6 +33,7 @@ __all__ = [
     "IntLion",
     "PeqaConfig",
     "PeqaModel",
+    "PeqaQuantizationConfig",
     "QftConfig",
     "QftModel",
     "QuantLinear",

@@ -44,13 +44,16 @@ class PeqaLayer(BaseTunerLayer):
                 "of a model share one quantized base."
             )
         shape = base.scale.shape
-        delta_scale = torch.zeros(shape, dtype=torch.float32, device=base.scale.device)
+        # PEFT's convention: adapter weights start in the replaced layer's dtype; `autocast_adapter_dtype=True`
+        # (the default) then casts fp16/bf16 ones to float32, `False` keeps them as they are.
+        dtype = getattr(base, "source_dtype", None) or torch.float32
+        delta_scale = torch.zeros(shape, dtype=dtype, device=base.scale.device)
         if not config.init_weights:
             # A deterministic-size, non-identity start (PEFT's convention for init_weights=False).
-            delta_scale = base.scale.float() * 0.1 * torch.randn_like(delta_scale)
+            delta_scale = (base.scale.float() * 0.1 * torch.randn(shape, device=base.scale.device)).to(dtype)
         self.peqa_scale[adapter_name] = nn.Parameter(delta_scale)
         if config.train_zero_point:
-            delta_zero = torch.zeros(shape, dtype=torch.float32, device=base.scale.device)
+            delta_zero = torch.zeros(shape, dtype=dtype, device=base.scale.device)
             if not config.init_weights:
                 delta_zero = 0.5 * torch.randn_like(delta_zero)
             self.peqa_zero_point[adapter_name] = nn.Parameter(delta_zero)

@@ -8,15 +8,13 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
 
-from ...quant import QuantLinear, validate_group_size
+from ...quant import QuantLinear
 from .._base import QuantTunerMixin
+from . import backends
 from .config import PeqaConfig
 from .layer import Linear, PeqaLayer
 from .validation import layer_fingerprint, verify_fingerprint
-
-_SUPPORTED_TARGETS = (nn.Linear, Conv1D, QuantLinear, PeqaLayer)
 
 
 class PeqaModel(QuantTunerMixin, BaseTuner):
@@ -65,25 +63,29 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
         finally:
             self._pending_quant = {}
         self._record_fingerprint(model, config, adapter_name)
+        backends.hand_over_quantization(model, config)
+
+    def _prepare_adapter_config(self, peft_config: PeqaConfig, model_config: dict) -> PeqaConfig:
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)
+        # "all-linear" must also cover already quantized layers (QuantLinear, GPTQ), which PEFT does not know
+        return backends.resolve_all_linear(peft_config, self.model)
 
     def _quantize_targets(self, model: nn.Module, config: PeqaConfig) -> dict[str, QuantLinear]:
-        """Validate every target, then quantize the float ones (the model itself is not touched here)."""
+        """Validate every target, then build the packed base of each one (the model itself is not touched here).
+
+        ``backends`` picks, per target, how its base is obtained: float layers are quantized, layers of a quantized
+        checkpoint (compressed-tensors, GPTQ) are adopted with their own integers and scales, a ``QuantLinear``
+        is reused.
+        """
         targets = self._find_targets(model, config)
         for key, module in targets.items():
-            if not isinstance(module, _SUPPORTED_TARGETS):
-                raise TypeError(
-                    f"Target module '{key}' is a {type(module).__name__}; PEQA supports torch.nn.Linear and "
-                    "transformers' Conv1D. Adjust `target_modules` or add it to `exclude_modules`."
-                )
-            in_features = module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
-            validate_group_size(config.group_size, in_features, key)
-        to_quantize = {k: m for k, m in targets.items() if isinstance(m, (nn.Linear, Conv1D))}
+            if not isinstance(module, PeqaLayer):
+                backends.check_target(module, config, key)
+        to_convert = {k: m for k, m in targets.items() if not isinstance(m, (QuantLinear, PeqaLayer))}
         pending = {}
-        progress = tqdm(to_quantize.items(), desc=f"PEQA: quantizing to {config.bits} bits", unit="layer")
+        progress = tqdm(to_convert.items(), desc=f"PEQA: {config.bits}-bit base layers", unit="layer")
         for key, module in progress:
-            pending[key] = QuantLinear.from_linear(
-                module, config.bits, config.group_size, config.init_method, config.search_grid, config.max_shrink
-            )
+            pending[key] = backends.to_quant_linear(module, config, key)
         self._verify_fingerprint(
             {**{k: m for k, m in targets.items() if isinstance(m, (QuantLinear, PeqaLayer))}, **pending}, config
         )
@@ -127,13 +129,7 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
     @staticmethod
     def _quantize_one(target: nn.Module, config: PeqaConfig, key: str) -> QuantLinear:
         # Only reached when PEFT matches modules from a state_dict instead of the config.
-        if isinstance(target, QuantLinear):
-            return target
-        if not isinstance(target, (nn.Linear, Conv1D)):
-            raise TypeError(f"Target module '{key}' ({type(target).__name__}) is not a linear layer")
-        return QuantLinear.from_linear(
-            target, config.bits, config.group_size, config.init_method, config.search_grid, config.max_shrink
-        )
+        return backends.to_quant_linear(target, config, key)
 
     def _check_safe_merge(self, adapter_names: Optional[list[str]]) -> None:
         """Check every layer before any is merged, so a refused ``safe_merge`` changes nothing."""

@@ -1,0 +1,26 @@
+"""Float ``nn.Linear`` / transformers ``Conv1D``: quantized once with PEQA's initializer (the paper's setting)."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ....quant import QuantLinear, validate_group_size
+from ..config import PeqaConfig
+
+NAME = "dense"
+
+
+def matches(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D)) and getattr(module, "weight", None) is not None
+
+
+def check(module: nn.Module, config: PeqaConfig, key: str) -> None:
+    in_features = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+    validate_group_size(config.group_size, in_features, key)
+
+
+def to_quant_linear(module: nn.Module, config: PeqaConfig, key: str) -> QuantLinear:
+    return QuantLinear.from_linear(
+        module, config.bits, config.group_size, config.init_method, config.search_grid, config.max_shrink
+    )
