@@ -82,7 +82,8 @@ def greedy(model, ids, n=32) -> list[int]:
 @pytest.mark.slow
 def test_compressed_tensors_loads_in_plain_transformers_with_identical_logits(tmp_path):
     """4-bit per channel, 3-bit group 16 (export()) and a merge_and_unload().save_pretrained(): a fresh process
-    loads each with plain AutoModelForCausalLM.from_pretrained and reproduces our logits (fp32 scales: exactly)."""
+    loads each with plain AutoModelForCausalLM.from_pretrained and reproduces our logits (fp32 scales: up to fp32
+    summation order)."""
     ids = torch.tensor(IDS)
     expected = {}
     for name, (bits, group) in {"w4": (4, None), "w3g16": (3, 16)}.items():
@@ -117,7 +118,14 @@ def test_compressed_tensors_loads_in_plain_transformers_with_identical_logits(tm
             config["format"] == "pack-quantized"
             and config["config_groups"]["group_0"]["weights"]["symmetric"] is False
         )
-        torch.testing.assert_close(torch.tensor(got[name]), logits, rtol=0, atol=1e-5, msg=name)
+        # fp32 scales are stored exactly; what remains is fp32 summation order (our kernels apply s after x·(q−z)ᵀ)
+        torch.testing.assert_close(torch.tensor(got[name]), logits, rtol=1e-5, atol=5e-5, msg=name)
+    # the same checkpoints load in a process that has imported peqa_peft (its loader fix must leave them alone)
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "w3g16")(ids).logits
+    torch.testing.assert_close(reloaded, expected["w3g16"], rtol=1e-5, atol=5e-5)
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, None), (3, 16), (8, 32)])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -189,10 +190,30 @@ def _packed_zero_point_rows(out_features: int, bits: int) -> int:
     return math.ceil(out_features * bits / 32)
 
 
-def _pack_meta_zero_points(model: nn.Module) -> int:
-    """Give unpacked meta zero-point placeholders of pack-quantized layers their packed checkpoint shape."""
+def _stored_zero_point_rows(checkpoint_files) -> dict[str, int]:
+    """Rows of every ``*.weight_zero_point`` tensor in the checkpoint's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    rows = {}
+    for file in checkpoint_files or ():
+        if not str(file).endswith(".safetensors"):
+            continue
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key.endswith(".weight_zero_point"):
+                    rows[key.removesuffix(".weight_zero_point")] = f.get_slice(key).get_shape()[0]
+    return rows
+
+
+def _pack_meta_zero_points(model: nn.Module, stored_rows: Optional[dict[str, int]] = None) -> int:
+    """Give unpacked meta zero-point placeholders of pack-quantized layers their packed checkpoint shape.
+
+    With ``stored_rows`` (module name -> rows in the checkpoint), only layers whose checkpoint really stores the
+    packed shape are changed: a checkpoint written with unpacked ``(out, groups)`` zero-points (the layout
+    ``peqa_peft.export`` writes by default so that transformers without this fix loads it) keeps its placeholders.
+    """
     fixed = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
         zp = getattr(module, "weight_zero_point", None)
         if scheme is None or zp is None or getattr(module, "weight_packed", None) is None or zp.device.type != "meta":
@@ -202,6 +223,8 @@ def _pack_meta_zero_points(model: nn.Module) -> int:
             continue
         rows = _packed_zero_point_rows(zp.shape[0], w.num_bits)
         if zp.shape[0] == rows or zp.shape[0] != module.out_features:
+            continue
+        if stored_rows is not None and stored_rows.get(name) != rows:
             continue
         module.weight_zero_point = nn.Parameter(
             torch.empty(rows, *zp.shape[1:], dtype=torch.int32, device="meta"), requires_grad=False
@@ -226,7 +249,8 @@ def install_compat_fixes() -> bool:
     @functools.wraps(original)
     def _process_model_before_weight_loading(self, model, **kwargs):
         result = original(self, model, **kwargs)
-        _pack_meta_zero_points(model)
+        files = kwargs.get("checkpoint_files")
+        _pack_meta_zero_points(model, _stored_zero_point_rows(files) if files else None)
         return result
 
     setattr(_process_model_before_weight_loading, _FIX_MARKER, True)
