@@ -185,11 +185,25 @@ def test_delta_s_saves_reloads_in_a_fresh_process_and_merges(tmp_path):
     merged = model.merge_and_unload()
     assert isinstance(merged.model.layers[0].self_attn.q_proj, QuantLinear)
     torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-5, atol=1e-5)
-    # the merged model is a fine-tuned low-bit checkpoint: it saves and reloads as a PEQA-quantized model
+    # the round trip of issue 9: compressed-tensors in, PEQA tunes the scales, compressed-tensors out, and plain
+    # transformers in a process that never imports peqa_peft reproduces the tuned logits
     merged.save_pretrained(tmp_path / "merged")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert reloaded.config.quantization_config.quant_method == "peqa"
+    assert reloaded.config.quantization_config.quant_method == "compressed-tensors"
     torch.testing.assert_close(logits(reloaded, ids), expected, rtol=1e-5, atol=1e-5)
+    from test_export import run_fresh
+
+    got = run_fresh(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "merged")!r})
+        with torch.no_grad():
+            print(json.dumps(model(torch.tensor({ids.tolist()!r})).logits.tolist()))
+        """,
+        tmp_path,
+    )
+    torch.testing.assert_close(torch.tensor(got), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_partial_adoption_warns_that_the_model_cannot_be_saved_whole():
