@@ -26,6 +26,7 @@ from peft.utils import PeftType, register_peft_method
 
 TESTED_PEFT_VERSIONS = ("0.21",)
 _PATCH_MARKER = "_peqa_peft_patched"
+_FINGERPRINT_OVERRIDE = "_peqa_peft_skip_fingerprint"
 
 
 def add_peft_type(name: str) -> PeftType:
@@ -139,7 +140,7 @@ def check_saved_adapter(model, model_id: str, config=None, existing=None, **kwar
 
     hub_kwargs = _hub_kwargs(kwargs)
     peft_type = config.peft_type if config is not None else _saved_peft_type(model_id, hub_kwargs)
-    if str(peft_type) != "PEQA":
+    if getattr(peft_type, "value", peft_type) != "PEQA":
         # Other methods' weights are PEFT's to check; only look at the key names, and only in a local file.
         local = os.path.join(model_id, kwargs.get("subfolder") or "", SAFETENSORS_WEIGHTS_NAME)
         if os.path.isfile(local):
@@ -155,7 +156,7 @@ def check_saved_adapter(model, model_id: str, config=None, existing=None, **kwar
     if config is None:
         config = PeqaConfig.from_pretrained(model_id, **hub_kwargs)
     check_adapter_weights(weights, config, model, model_id)
-    if existing is not None:
+    if existing is not None and not getattr(existing, _FINGERPRINT_OVERRIDE, False):
         from .tuners.peqa import PeqaLayer
 
         layers = {k: m for k, m in model.named_modules() if isinstance(m, PeqaLayer)}
@@ -165,6 +166,10 @@ def check_saved_adapter(model, model_id: str, config=None, existing=None, **kwar
 def _validate_from_pretrained(original):
     def from_pretrained(cls, model, model_id, adapter_name="default", is_trainable=False, config=None, **kwargs):
         check_saved_adapter(model, str(model_id), config, **kwargs)
+        if config is not None and getattr(config, "base_fingerprint", True) is None:
+            # The documented override: PEFT then loads the weights into the slot this config creates, where the
+            # fingerprint on disk must not be checked either. (Not a dataclass field, so never saved.)
+            setattr(config, _FINGERPRINT_OVERRIDE, True)
         return original.__func__(cls, model, model_id, adapter_name, is_trainable, config, **kwargs)
 
     return from_pretrained

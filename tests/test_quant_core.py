@@ -229,8 +229,9 @@ def test_quant_linear_autocast_and_dtypes():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert q(x).dtype == torch.bfloat16
     assert q(x.double()).dtype == torch.float64
-    q_bf16 = q.to(torch.bfloat16)
-    assert q_bf16.qweight.dtype == torch.uint8 and q_bf16.scale.dtype == torch.bfloat16
+    q_bf16 = q.to(torch.bfloat16)  # casting never changes the quantization grid: s0 stays float32
+    assert q_bf16.qweight.dtype == torch.uint8 and q_bf16.scale.dtype == torch.float32
+    assert q_bf16.bias.dtype == torch.bfloat16
     assert q_bf16(x.bfloat16()).dtype == torch.bfloat16
 
 

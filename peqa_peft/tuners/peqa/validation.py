@@ -68,7 +68,7 @@ def check_adapter_weights(weights: dict[str, torch.Tensor], config: Any, model: 
         if tuple(tensor.shape) != shape:
             raise ValueError(
                 f"{source}: tensor '{key}' has shape {tuple(tensor.shape)}, layer '{path}' needs {shape} "
-                f"(bits={config.bits}, group_size={config.group_size})"
+                f"(bits={config.bits}, group_size={config.group_size}): the adapter does not fit this model"
             )
         if name == "peqa_scale":
             present.add(path)
@@ -85,10 +85,9 @@ def check_adapter_weights(weights: dict[str, torch.Tensor], config: Any, model: 
 
 def check_peft_type(weights: dict[str, torch.Tensor], peft_type: str, source: str) -> None:
     """Refuse PEQA deltas under another method's ``peft_type`` (an edited or mixed-up ``adapter_config.json``)."""
-    if str(peft_type) != "PEQA" and any(split_key(k) for k in weights):
-        raise ValueError(
-            f"{source}: the weights are PEQA scale deltas but adapter_config.json says peft_type={peft_type!s}"
-        )
+    name = getattr(peft_type, "value", peft_type)  # a PeftType member or its string
+    if name != "PEQA" and any(split_key(k) for k in weights):
+        raise ValueError(f"{source}: the weights are PEQA scale deltas but adapter_config.json says peft_type={name}")
 
 
 def fingerprint_problem(layers: dict[str, nn.Module], config: Any) -> Optional[str]:
