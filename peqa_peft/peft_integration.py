@@ -124,15 +124,27 @@ def _saved_peft_type(model_id: str, hub_kwargs: dict) -> str:
     return peft_type
 
 
+def _read_weights(model_id: str, hub_kwargs: dict) -> dict:
+    from peft.utils import load_peft_weights
+
+    try:
+        return load_peft_weights(model_id, device="cpu", **hub_kwargs)
+    except (OSError, ValueError):
+        raise
+    except Exception as err:  # safetensors raises its own SafetensorError for a corrupt file
+        raise ValueError(f"{model_id}: cannot read the adapter weights: {err}") from err
+
+
 def check_saved_adapter(model, model_id: str, config=None, existing=None, **kwargs) -> None:
     """Validate a saved adapter against ``model`` (the transformers model) before PEFT changes anything.
 
-    For PEQA adapters: the weights (dtypes, finiteness, shapes, completeness, see ``tuners.peqa.validation``) and,
-    when the adapter is loaded into an ``existing`` PEQA adapter slot (``load_adapter(..., adapter_name=<existing>)``,
-    as Trainer's resume does), the base fingerprint, which PEFT would otherwise skip. For every type: PEQA weights
-    under another ``peft_type`` are refused.
+    For QFT adapters: every saved integer weight (complete, in range, fitting its layer; ``tuners.qft.validation``).
+    For PEQA adapters: the weights (dtypes, finiteness, shapes, completeness; ``tuners.peqa.validation``) and, when
+    the adapter is loaded into an ``existing`` PEQA adapter slot (``load_adapter(..., adapter_name=<existing>)``, as
+    Trainer's resume does), the base fingerprint, which PEFT would otherwise skip. For every other type: PEQA weights
+    under its ``peft_type`` are refused.
     """
-    from peft.utils import SAFETENSORS_WEIGHTS_NAME, load_peft_weights
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors import safe_open
 
     from .tuners.peqa import PeqaConfig
@@ -140,6 +152,11 @@ def check_saved_adapter(model, model_id: str, config=None, existing=None, **kwar
 
     hub_kwargs = _hub_kwargs(kwargs)
     peft_type = config.peft_type if config is not None else _saved_peft_type(model_id, hub_kwargs)
+    if getattr(peft_type, "value", peft_type) == "QFT":
+        from .tuners.qft.validation import check_qft_weights
+
+        check_qft_weights(_read_weights(model_id, hub_kwargs), model, model_id)
+        return
     if getattr(peft_type, "value", peft_type) != "PEQA":
         # Other methods' weights are PEFT's to check; only look at the key names, and only in a local file.
         local = os.path.join(model_id, kwargs.get("subfolder") or "", SAFETENSORS_WEIGHTS_NAME)
@@ -147,12 +164,7 @@ def check_saved_adapter(model, model_id: str, config=None, existing=None, **kwar
             with safe_open(local, framework="pt") as f:
                 check_peft_type(dict.fromkeys(f.keys()), peft_type, model_id)
         return
-    try:
-        weights = load_peft_weights(model_id, device="cpu", **hub_kwargs)
-    except (OSError, ValueError):
-        raise
-    except Exception as err:  # safetensors raises its own SafetensorError for a corrupt file
-        raise ValueError(f"{model_id}: cannot read the adapter weights: {err}") from err
+    weights = _read_weights(model_id, hub_kwargs)
     if config is None:
         config = PeqaConfig.from_pretrained(model_id, **hub_kwargs)
     check_adapter_weights(weights, config, model, model_id)

@@ -174,3 +174,35 @@ def test_adapter_moves_between_dtypes(tmp_path, train_dtype, load_dtype):
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).to(load_dtype)
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits.float(), expected, rtol=0.05, atol=0.05)
+
+
+QFT_FIRST = "base_model.model.model.layers.0.self_attn.q_proj.qft_weight"
+
+
+def _bad_index(t):
+    t[f"{QFT_FIRST}.outlier_idx"][-1] = 64 * 64  # one past the end of the 64 x 64 weight
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_bad_index, "distinct sorted indices"),
+        (lambda t: t[f"{QFT_FIRST}.scale"].__setitem__(0, float("nan")), "'scale' must be a finite"),
+        (
+            lambda t: t.__setitem__(f"{QFT_FIRST}.codes", t[f"{QFT_FIRST}.codes"].to(torch.int32)),
+            "codes must be uint8",
+        ),
+        (lambda t: t.pop(f"{QFT_FIRST}.outlier_val"), "lacks the QFT field"),
+    ],
+    ids=["outlier-index-out-of-range", "nan-scale", "int32-codes", "missing-field"],
+)
+def test_qft_checkpoints_are_validated_before_the_model_changes(tmp_path, edit, message):
+    from peqa_peft import QftConfig
+
+    get_peft_model(tiny_llama(), QftConfig(task_type="CAUSAL_LM")).save_pretrained(tmp_path)
+    edit_weights(tmp_path, edit)
+    base = tiny_llama()
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert_untouched(base, before)

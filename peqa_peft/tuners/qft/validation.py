@@ -1,0 +1,73 @@
+"""Checks of a saved QFT adapter against the model it is about to be loaded into, before anything changes.
+
+A QFT checkpoint holds integer codes, per-row scale/zero-point and float outliers for each tuned weight. Garbage in
+any of them (an outlier index past the end of the weight, a NaN scale) would load "successfully" and give a broken
+model, so every field is checked first; PEFT would also quantize the passed-in model before reading the file.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .tensor import WEIGHT_FIELDS
+
+_PARAM = "qft_weight"
+
+
+def _split(key: str) -> Optional[tuple[str, str]]:
+    """``(module path, field)`` of ``base_model.model.<path>.qft_weight.<field>``, else ``None``."""
+    head, _, field = key.rpartition(".")
+    path, _, param = head.rpartition(".")
+    if param != _PARAM or field not in WEIGHT_FIELDS:
+        return None
+    return path.removeprefix("base_model.model."), field
+
+
+def _weight_shape(module: nn.Module) -> Optional[tuple[int, int]]:
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    if isinstance(base, Conv1D):
+        return tuple(base.weight.shape[::-1])
+    if isinstance(base, nn.Linear):
+        return base.out_features, base.in_features
+    return None
+
+
+def _check_fields(fields: dict[str, torch.Tensor], shape: tuple[int, int], where: str) -> None:
+    codes, idx = fields["codes"], fields["outlier_idx"]
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != shape:
+        raise ValueError(f"{where}: codes must be uint8 of shape {shape}, got {codes.dtype} {tuple(codes.shape)}")
+    for name in ("scale", "zero_point", "outlier_val"):
+        tensor = fields[name]
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise ValueError(f"{where}: '{name}' must be a finite floating point tensor")
+    if (fields["scale"] <= 0).any():
+        raise ValueError(f"{where}: 'scale' must be positive")
+    if idx.is_floating_point() or idx.shape != fields["outlier_val"].shape:
+        raise ValueError(f"{where}: 'outlier_idx' must be integers, one per outlier value")
+    if idx.numel() and (idx.min() < 0 or idx.max() >= shape[0] * shape[1] or (idx[1:] <= idx[:-1]).any()):
+        raise ValueError(f"{where}: 'outlier_idx' must hold distinct sorted indices into the {shape} weight")
+
+
+def check_qft_weights(weights: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """Raise a ``ValueError`` unless every saved QFT weight is complete, in range and fits its layer in ``model``."""
+    per_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        parsed = _split(key)
+        if parsed:
+            per_layer.setdefault(parsed[0], {})[parsed[1]] = tensor
+    if not per_layer:
+        raise ValueError(f"{source}: the file holds no QFT weights ('*.qft_weight.*' tensors)")
+    modules = dict(model.named_modules())
+    for path, fields in per_layer.items():
+        where = f"{source}: layer '{path}'"
+        missing = [f for f in WEIGHT_FIELDS if f not in fields]
+        if missing:
+            raise ValueError(f"{where} lacks the QFT field(s) {missing}")
+        shape = _weight_shape(modules[path]) if path in modules else None
+        if shape is None:
+            raise ValueError(f"{where} is not a linear layer of this model")
+        _check_fields(fields, shape, where)
