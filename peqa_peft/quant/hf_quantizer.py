@@ -31,7 +31,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .linear import QuantLinear, _linear_weight
 from .packing import pack_bits
-from .quantizer import compute_qparams, quantize, validate_bits, validate_group_size
+from .quantizer import compute_qparams, quantize, validate_group_size, validate_quant_settings
 
 QUANT_METHOD = "peqa"
 _PLACEHOLDER = "weight"
@@ -84,14 +84,7 @@ class PeqaQuantizationConfig(QuantizationConfigMixin):
         self.post_init()
 
     def post_init(self) -> None:
-        validate_bits(self.bits)
-        validate_group_size(self.group_size)
-        if self.init_method not in ("mse", "minmax"):
-            raise ValueError(f"`init_method` must be 'mse' or 'minmax', got {self.init_method!r}")
-        if self.search_grid < 1 or not 0.0 <= self.max_shrink < 1.0:
-            raise ValueError(
-                f"need search_grid >= 1 and 0 <= max_shrink < 1, got {self.search_grid}, {self.max_shrink}"
-            )
+        validate_quant_settings(self.bits, self.group_size, self.init_method, self.search_grid, self.max_shrink)
 
     def selects(self, name: str) -> bool:
         """Whether the module called ``name`` is to be quantized (given that it is a linear layer)."""

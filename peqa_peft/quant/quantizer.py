@@ -48,6 +48,18 @@ def validate_group_size(group_size: Optional[int], in_features: Optional[int] = 
         )
 
 
+def validate_quant_settings(
+    bits: int, group_size: Optional[int], init_method: str, grid: int, max_shrink: float
+) -> None:
+    """Raise a ``ValueError`` unless these are valid PEQA quantization settings (shared by both config classes)."""
+    validate_bits(bits)
+    validate_group_size(group_size)
+    if init_method not in ("mse", "minmax"):
+        raise ValueError(f"`init_method` must be 'mse' or 'minmax', got {init_method!r}")
+    if grid < 1 or not 0.0 <= max_shrink < 1.0:
+        raise ValueError(f"need search_grid >= 1 and 0 <= max_shrink < 1, got {grid} and {max_shrink}")
+
+
 def num_groups(in_features: int, group_size: Optional[int]) -> int:
     """Number of quantization groups per output row."""
     return 1 if group_size is None else in_features // group_size

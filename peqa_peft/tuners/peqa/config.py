@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from peft.utils import PeftType
 
-from ...quant.quantizer import validate_bits, validate_group_size
+from ...quant.quantizer import validate_quant_settings
 from .._base import QuantTargetsConfig
 
 
@@ -61,14 +61,7 @@ class PeqaConfig(QuantTargetsConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.PEQA
-        validate_bits(self.bits)
-        validate_group_size(self.group_size)
-        if self.init_method not in ("mse", "minmax"):
-            raise ValueError(f"`init_method` must be 'mse' or 'minmax', got {self.init_method!r}")
-        if self.search_grid < 1 or not 0.0 <= self.max_shrink < 1.0:
-            raise ValueError(
-                f"need search_grid >= 1 and 0 <= max_shrink < 1, got {self.search_grid} and {self.max_shrink}"
-            )
+        validate_quant_settings(self.bits, self.group_size, self.init_method, self.search_grid, self.max_shrink)
         fingerprint = self.base_fingerprint
         if fingerprint is not None and not (
             isinstance(fingerprint, dict) and isinstance(fingerprint.get("layers"), dict)
