@@ -155,7 +155,9 @@ def check_saved_adapter(model, model_id: str, config=None, existing=None, **kwar
     if getattr(peft_type, "value", peft_type) == "QFT":
         from .tuners.qft.validation import check_qft_weights
 
-        check_qft_weights(_read_weights(model_id, hub_kwargs), model, model_id)
+        weights = _read_weights(model_id, hub_kwargs)
+        check_peft_type(weights, peft_type, model_id)
+        check_qft_weights(weights, model, model_id)
         return
     if getattr(peft_type, "value", peft_type) != "PEQA":
         # Other methods' weights are PEFT's to check; only look at the key names, and only in a local file.
