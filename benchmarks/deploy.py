@@ -344,7 +344,8 @@ def main(argv=None) -> list[dict]:
             r[key].pop("tokens", None)
     (out / "deploy.json").write_text(json.dumps(results, indent=2) + "\n")
     machine = (
-        f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}, 1 thread everywhere; "
+        f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}, "
+        "1 thread everywhere; "
         f"greedy decode of {', '.join(str(r['new_tokens']) for r in results)} new tokens after the "
         f"{results[0]['prompt_tokens']}-token prompt, best of {DECODE_REPEATS} (PEQA in PyTorch at hidden 2048: 1)"
     )
