@@ -40,6 +40,14 @@ def llama_cpp_nll(path: Path, windows: list[list[int]], seq_len: int) -> float:
     import llama_cpp
 
     llm = llama_cpp.Llama(str(path), n_ctx=seq_len, n_batch=seq_len, logits_all=True, verbose=False)
+    try:
+        return llama_cpp_window_nll(llm, windows)
+    finally:
+        llm.close()
+
+
+def llama_cpp_window_nll(llm, windows: list[list[int]]) -> float:
+    """Mean next-token NLL of ``windows`` under an open ``llama_cpp.Llama`` (created with ``logits_all=True``)."""
     total, count = 0.0, 0
     for window in windows:
         llm.reset()
@@ -47,7 +55,6 @@ def llama_cpp_nll(path: Path, windows: list[list[int]], seq_len: int) -> float:
         logp = torch.log_softmax(torch.tensor(np.array(llm.scores[: len(window)]), dtype=torch.float64)[:-1], -1)
         total -= logp.gather(1, torch.tensor(window[1:]).unsqueeze(1)).sum().item()
         count += len(window) - 1
-    llm.close()
     return total / count
 
 

@@ -19,7 +19,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO_LLAMA, tiny_llama
+from conftest import DEMO_LLAMA, REPO, tiny_llama
 from peft import get_peft_model
 
 import peqa_peft
@@ -27,6 +27,9 @@ from peqa_peft import PeqaConfig
 from peqa_peft.export import _common, collect, export
 from peqa_peft.export import compressed_tensors as ct_writer
 from peqa_peft.export import gguf as gguf_writer
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from gguf_perplexity import llama_cpp_window_nll, torch_nll  # noqa: E402  (the benchmark's NLL, shared)
 
 PROMPT = "It was a dark and stormy night, and"
 IDS = [[1, 907, 318, 262, 1327, 284, 345, 912, 92, 917, 15, 284]]
@@ -219,29 +222,6 @@ def _llama_cpp():
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 
 
-def _llama_cpp_nll(llm, windows: list[list[int]]) -> float:
-    total, count = 0.0, 0
-    for window in windows:
-        llm.reset()
-        llm.eval(window)
-        logits = torch.tensor(np.array(llm.scores[: len(window)]), dtype=torch.float64)
-        logp = torch.log_softmax(logits[:-1], -1)
-        total -= logp.gather(1, torch.tensor(window[1:]).unsqueeze(1)).sum().item()
-        count += len(window) - 1
-    return total / count
-
-
-@torch.no_grad()
-def _torch_nll(model, windows: list[list[int]]) -> float:
-    total, count = 0.0, 0
-    for window in windows:
-        ids = torch.tensor([window])
-        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
-        total -= logp.gather(1, ids[0, 1:].unsqueeze(1)).sum().item()
-        count += len(window) - 1
-    return total / count
-
-
 @pytest.mark.slow
 def test_gguf_runs_in_llama_cpp_and_transformers_like_the_peqa_model(tmp_path, demo_tokenizer, data_dir):
     """The demo model, 4-bit per channel with a tuned Δs: llama.cpp's greedy 32 tokens equal ours and its
@@ -267,8 +247,8 @@ def test_gguf_runs_in_llama_cpp_and_transformers_like_the_peqa_model(tmp_path, d
 
     tokens = demo_tokenizer(load_eval_text("wikitext2", data_dir)[:20000]).input_ids[:2560]
     windows = [tokens[i : i + 256] for i in range(0, len(tokens) - 255, 256)]
-    ppl_ours = float(np.exp(_torch_nll(model, windows)))
-    ppl_cpp = float(np.exp(_llama_cpp_nll(llm, windows)))
+    ppl_ours = float(np.exp(torch_nll(model, windows)))
+    ppl_cpp = float(np.exp(llama_cpp_window_nll(llm, windows)))
     llm.close()
     assert abs(ppl_cpp / ppl_ours - 1) < 0.01, (ppl_cpp, ppl_ours)
 
