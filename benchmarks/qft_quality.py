@@ -1,0 +1,225 @@
+"""QFT quality vs fp32 full fine-tuning: a held-out language-modelling adaptation long enough to separate them.
+
+    python benchmarks/qft_quality.py --output-dir benchmarks/results/qft-quality            # the recorded sweep
+    python benchmarks/qft_quality.py --configs qft --lrs 3e-5 --eval-tokens 32768          # one quick run
+
+The bundled pretrained model (trained on Project Gutenberg books) is adapted to WikiText-2: every configuration
+trains on the same batches of the *validation* split (``--steps`` steps of ``--batch-size`` windows of ``--seq-len``
+tokens, shuffled once with ``--seed``) and is evaluated on the *test* split (non-overlapping windows), all in fp32.
+Configurations (each at every learning rate of ``--lrs``, or of its own default sweep):
+
+- ``adamw``: torch AdamW on all parameters (fp32 states: the 16 B/param reference);
+- ``lion``: lion-pytorch's float Lion on all parameters;
+- ``intlion-float``: IntLion on the float model (Lion with int8 momentum; isolates the momentum quantization);
+- ``qft``: QFT + IntLion, every parameter trainable (the ``QftConfig`` default);
+- ``qft-linear``: QFT + IntLion on the linear layers only (embeddings, head and norms frozen; the old default);
+- ``lion-linear``: float Lion on the same linear layers only (separates the frozen parts from the integer path);
+- ``qft-linear-fgrad``: ``qft-linear`` with float instead of int8 weight gradients.
+
+All use gradient clipping at 1.0, weight decay 0 and the same schedule (``--schedule``, linear warm-up of
+``--warmup`` of the steps). The report gives each configuration's best learning rate and the ratio of QFT's
+perplexity to the best fp32 full fine-tuning (AdamW or Lion). Writes ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler  # noqa: E402
+
+import peqa_peft  # noqa: E402,F401  (registers QFT with PEFT)
+from peqa_peft import IntLion, QftConfig  # noqa: E402
+from peqa_peft.evaluate import perplexity  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "assets" / "data"
+# Default learning-rate sweeps: Adam-type steps scale with the gradient, Lion-type (sign) steps are absolute, so
+# Lion wants a ~3-10x smaller rate than AdamW.
+SWEEPS = {
+    "adamw": [3e-5, 1e-4, 3e-4],
+    "lion": [1e-5, 3e-5, 1e-4],
+    "intlion-float": [3e-5],
+    "qft": [1e-5, 3e-5, 1e-4],
+    "qft-linear": [3e-5],
+    "lion-linear": [3e-5],
+    "qft-linear-fgrad": [3e-5],
+}
+FULL_FT = ("adamw", "lion")  # the fp32 full fine-tuning references
+
+
+def token_windows(tokenizer, path: Path, seq_len: int) -> torch.Tensor:
+    """Non-overlapping ``seq_len``-token windows of a text file (tokenized as one string)."""
+    ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids.view(-1)
+    n = ids.numel() // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def build(config: str, model_path: str, lr: float, seed: int, betas: tuple[float, float] = (0.9, 0.99)):
+    """``(model, optimizer)`` for one configuration, from a fresh copy of the pretrained checkpoint."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if config == "adamw":
+        return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    if config == "lion":
+        from lion_pytorch import Lion
+
+        return model, Lion(model.parameters(), lr=lr, betas=betas, weight_decay=0.0)
+    if config == "intlion-float":
+        return model, IntLion.from_model(model, lr=lr, betas=betas, seed=seed)
+    if config == "lion-linear":
+        from lion_pytorch import Lion
+
+        params = [p for n, m in model.named_modules() if _is_body_linear(n, m) for p in m.parameters()]
+        model.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        return model, Lion(params, lr=lr, betas=betas, weight_decay=0.0)
+    if config.startswith("qft"):
+        from peft import get_peft_model
+
+        linear_only = config.startswith("qft-linear")
+        qft = QftConfig(
+            task_type="CAUSAL_LM", int8_gradients=not config.endswith("fgrad"), **_linear_only_kwargs(linear_only)
+        )
+        model = get_peft_model(model, qft)
+        return model, IntLion.from_model(model, lr=lr, betas=betas, seed=seed)
+    raise ValueError(f"unknown configuration {config!r}; choose from {sorted(SWEEPS)}")
+
+
+def _is_body_linear(name: str, module: torch.nn.Module) -> bool:
+    """The layers QFT's linear-only setting targets: every ``nn.Linear`` but the output head."""
+    return isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+
+
+def _linear_only_kwargs(linear_only: bool) -> dict:
+    """QftConfig kwargs of the linear-only setting (when this version of QftConfig has the switch)."""
+    if "full_parameter" in QftConfig.__dataclass_fields__:
+        return {"full_parameter": not linear_only}
+    return {}
+
+
+def train_and_eval(config: str, lr: float, args, train: torch.Tensor, test: torch.Tensor) -> dict:
+    """Train one configuration for ``args.steps`` steps and return its test perplexity and timings."""
+    model, optimizer = build(config, args.model, lr, args.seed, tuple(args.betas))
+    scheduler = get_scheduler(
+        args.schedule, optimizer, num_warmup_steps=int(args.warmup * args.steps), num_training_steps=args.steps
+    )
+    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(args.seed))
+    need = args.steps * args.batch_size
+    if need > order.numel():
+        raise ValueError(f"{args.steps} steps x {args.batch_size} windows need {need} windows, have {order.numel()}")
+    model.train()
+    start, losses = time.perf_counter(), []
+    for step in range(args.steps):
+        batch = train[order[step * args.batch_size : (step + 1) * args.batch_size]]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            break
+    train_s = time.perf_counter() - start
+    ppl = perplexity(model, input_ids=test, seq_len=args.seq_len, batch_size=16, progress=False).perplexity
+    return {
+        "config": config,
+        "lr": lr,
+        "ppl": ppl,
+        "first_loss": losses[0],
+        "last10_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "train_s": round(train_s, 1),
+    }
+
+
+def report(rows: list[dict], untuned: float, args) -> str:
+    """The markdown report: every run, the best learning rate per configuration and QFT vs full FT."""
+    best = {}
+    for row in rows:
+        if row["config"] not in best or row["ppl"] < best[row["config"]]["ppl"]:
+            best[row["config"]] = row
+    ref = min((best[c] for c in FULL_FT if c in best), key=lambda r: r["ppl"], default=None)
+    lines = [
+        f"`{' '.join(['python', *sys.argv])}` on {platform.node() or 'this machine'} ({os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}); WikiText-2 valid -> test, {args.steps} steps x {args.batch_size} x "
+        f"{args.seq_len} tokens, {args.schedule} schedule, warm-up {args.warmup:.0%}, clip 1.0, wd 0, Lion betas "
+        f"{tuple(args.betas)}; untuned test ppl {untuned:.2f}.",
+        "",
+        "| configuration | lr | test ppl | x best full FT | last-10 train loss | train s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in sorted(rows, key=lambda r: (r["config"], r["lr"])):
+        ratio = f"{row['ppl'] / ref['ppl']:.3f}" if ref else "-"
+        mark = " **best**" if best[row["config"]] is row else ""
+        lines.append(
+            f"| {row['config']}{mark} | {row['lr']:g} | {row['ppl']:.2f} | {ratio} | {row['last10_loss']:.4f} "
+            f"| {row['train_s']} |"
+        )
+    if ref and "qft" in best:
+        gap = best["qft"]["ppl"] / ref["ppl"] - 1
+        lines += [
+            "",
+            f"Best fp32 full fine-tuning: {ref['config']} at lr {ref['lr']:g}, ppl {ref['ppl']:.2f}. "
+            f"Best QFT + IntLion: lr {best['qft']['lr']:g}, ppl {best['qft']['ppl']:.2f} ({gap:+.1%}; target "
+            f"within +3%: {'met' if gap <= 0.03 else 'MISSED'}).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(REPO / "assets" / "demo-llama"))
+    parser.add_argument("--configs", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
+    parser.add_argument("--lrs", nargs="+", type=float, help="learning rates for every config (default: SWEEPS)")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    schedules = ["constant", "constant_with_warmup", "cosine", "linear"]
+    parser.add_argument("--schedule", default="cosine", choices=schedules)
+    parser.add_argument("--warmup", type=float, default=0.1, help="warm-up steps as a fraction of --steps")
+    parser.add_argument("--eval-tokens", type=int, help="evaluate on the first N test tokens only (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--betas", nargs=2, type=float, default=[0.9, 0.99], help="Lion / IntLion betas")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--output-dir", help="write results.json and results.md here")
+    args = parser.parse_args()
+    if args.steps <= 0 or args.batch_size <= 0 or not 0 <= args.warmup < 1:
+        parser.error("--steps and --batch-size must be positive and --warmup in [0, 1)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    train = token_windows(tokenizer, DATA / "wikitext2_valid.tokens.txt", args.seq_len)
+    test = token_windows(tokenizer, DATA / "wikitext2_test.tokens.txt", args.seq_len)
+    if args.eval_tokens:
+        test = test[: max(1, args.eval_tokens // args.seq_len)]
+    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    untuned = perplexity(base, input_ids=test, seq_len=args.seq_len, batch_size=16, progress=False).perplexity
+    print(f"untuned test ppl {untuned:.2f} ({test.numel()} tokens)", flush=True)
+    rows = []
+    for config in args.configs:
+        for lr in args.lrs or SWEEPS[config]:
+            rows.append(train_and_eval(config, lr, args, train, test))
+            print(json.dumps(rows[-1]), flush=True)
+    text = report(rows, untuned, args)
+    print(text)
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"untuned": untuned, "rows": rows}, indent=1) + "\n")
+        (out / "results.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
