@@ -31,6 +31,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -54,6 +55,8 @@ SWEEPS = {
     "lion-linear": [3e-5],
     "qft-linear-fgrad": [3e-5],
 }
+# Each configuration's best learning rate in the recorded sweep (benchmarks/results/qft-quality/results.md).
+RECOMMENDED = {"adamw": 1e-3, "lion": 2e-4, "qft": 2e-4}
 FULL_FT = ("adamw", "lion")  # the fp32 full fine-tuning references
 
 
@@ -151,10 +154,10 @@ def report(rows: list[dict], untuned: float, args) -> str:
             best[row["config"]] = row
     ref = min((best[c] for c in FULL_FT if c in best), key=lambda r: r["ppl"], default=None)
     lines = [
-        f"`{' '.join(['python', *sys.argv])}` on {platform.node() or 'this machine'} ({os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}); WikiText-2 valid -> test, {args.steps} steps x {args.batch_size} x "
-        f"{args.seq_len} tokens, {args.schedule} schedule, warm-up {args.warmup:.0%}, clip 1.0, wd 0, Lion betas "
-        f"{tuple(args.betas)}; untuned test ppl {untuned:.2f}.",
+        f"`python benchmarks/qft_quality.py {' '.join(args.argv)}` on {platform.node() or 'this machine'} "
+        f"({os.cpu_count()} CPUs, torch {torch.__version__}); WikiText-2 valid -> test, {args.steps} steps x "
+        f"{args.batch_size} x {args.seq_len} tokens, {args.schedule} schedule, warm-up {args.warmup:.0%}, clip 1.0, "
+        f"wd 0, Lion betas {tuple(args.betas)}; untuned test ppl {untuned:.2f}.",
         "",
         "| configuration | lr | test ppl | x best full FT | last-10 train loss | train s |",
         "|---|---:|---:|---:|---:|---:|",
@@ -177,11 +180,16 @@ def report(rows: list[dict], untuned: float, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO / "assets" / "demo-llama"))
-    parser.add_argument("--configs", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
+    parser.add_argument(
+        "--configs", nargs="+", choices=list(SWEEPS), help="default: all (with --recommended: those in RECOMMENDED)"
+    )
     parser.add_argument("--lrs", nargs="+", type=float, help="learning rates for every config (default: SWEEPS)")
+    parser.add_argument(
+        "--recommended", action="store_true", help="one run per config at its RECOMMENDED learning rate (no sweep)"
+    )
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -193,12 +201,21 @@ def main() -> None:
     parser.add_argument("--betas", nargs=2, type=float, default=[0.9, 0.99], help="Lion / IntLion betas")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--output-dir", help="write results.json and results.md here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.steps <= 0 or args.batch_size <= 0 or not 0 <= args.warmup < 1:
         parser.error("--steps and --batch-size must be positive and --warmup in [0, 1)")
+    if args.configs is None:
+        args.configs = list(RECOMMENDED if args.recommended else SWEEPS)
+    if args.recommended and (args.lrs or not set(args.configs) <= set(RECOMMENDED)):
+        parser.error(f"--recommended takes no --lrs and only configs with a recommended rate: {sorted(RECOMMENDED)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict], float, str]:
+    """Every selected run: ``(rows, untuned test perplexity, markdown report)``."""
     if args.threads:
         torch.set_num_threads(args.threads)
-
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     train = token_windows(tokenizer, DATA / "wikitext2_valid.tokens.txt", args.seq_len)
     test = token_windows(tokenizer, DATA / "wikitext2_test.tokens.txt", args.seq_len)
@@ -209,10 +226,16 @@ def main() -> None:
     print(f"untuned test ppl {untuned:.2f} ({test.numel()} tokens)", flush=True)
     rows = []
     for config in args.configs:
-        for lr in args.lrs or SWEEPS[config]:
+        lrs = [RECOMMENDED[config]] if args.recommended else args.lrs or SWEEPS[config]
+        for lr in lrs:
             rows.append(train_and_eval(config, lr, args, train, test))
             print(json.dumps(rows[-1]), flush=True)
-    text = report(rows, untuned, args)
+    return rows, untuned, report(rows, untuned, args)
+
+
+def main() -> None:
+    args = parse_args()
+    rows, untuned, text = run(args)
     print(text)
     if args.output_dir:
         out = Path(args.output_dir)
