@@ -65,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="speed/memory only on a Llama-shaped random-weight model built at run time (see above)",
     )
     p.add_argument("--speed-only", action="store_true", help="skip perplexity and adapter I/O; write speed.md")
+    p.add_argument(
+        "--adaptation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run the QFT-quality rows (qft_quality.py --recommended: WikiText-2 valid->test adaptation, "
+        "fp32 AdamW / Lion full fine-tuning vs QFT + IntLion); on by default with --quick",
+    )
     p.add_argument("--configs", default="all", help="comma-separated configuration names (see --list)")
     p.add_argument("--list", action="store_true", help="list the configurations and exit")
     p.add_argument("--steps", type=int, default=None, help="training steps per configuration (same for all)")
@@ -104,6 +111,7 @@ def _apply_presets(args: argparse.Namespace) -> None:
     if args.tiny:
         preset = {"steps": 2, "warmup": 1, "eval_tokens": 512}
         args.batch_size, args.seq_len, args.eval_seq_len, args.gen_tokens = 2, 128, 64, 4
+    preset.setdefault("adaptation", bool(args.quick))
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -348,7 +356,23 @@ def _run_all(args: argparse.Namespace, out_dir: Path, in_process: bool) -> list[
     else:
         write_report(results, meta, out_dir)
         print(f"wrote {out_dir}/results.md, README_table.md, results.json and plots in {time.time() - start:.0f}s")
+    if args.adaptation and not args.speed_only:
+        _append_adaptation(args, out_dir)
     return results
+
+
+def _append_adaptation(args: argparse.Namespace, out_dir: Path) -> None:
+    """Run qft_quality.py's recommended rows on ``args.model`` and append their table to results.md."""
+    import qft_quality
+
+    # Quality only (no timing here), so torch's default thread count rather than the timing runs' one thread.
+    argv = ["--recommended", "--model", args.model, "--seed", str(args.seed)]
+    rows, untuned, text = qft_quality.run(qft_quality.parse_args(argv))
+    section = ["## QFT quality: WikiText-2 adaptation (each method at its recommended learning rate)", "", text]
+    with open(out_dir / "results.md", "a") as f:
+        f.write("\n".join(section))
+    (out_dir / "adaptation.json").write_text(json.dumps({"untuned": untuned, "rows": rows}, indent=1) + "\n")
+    print(f"appended the WikiText-2 adaptation rows to {out_dir}/results.md")
 
 
 def _status(result: dict[str, Any]) -> str:
