@@ -291,7 +291,7 @@ def test_trainer_factory_protocol():
 
 def _nan_guard_model(kind: str):
     if kind == "qft":
-        return _qft()
+        return _qft(full_parameter=False)  # the poisoning below writes into the float input embeddings
     from peqa_peft import PeqaConfig
 
     return get_peft_model(tiny_llama(), PeqaConfig(bits=4, target_modules="all-linear"))  # Δs: float params
@@ -361,7 +361,7 @@ def test_skip_of_one_param_leaves_the_others_updating():
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_consecutive_non_finite_steps_raise(fused):
-    model = _qft()
+    model = _qft(full_parameter=False)  # the poisoning writes into the float input embeddings
     optimizer = IntLion(model.parameters(), lr=2e-3, max_consecutive_skips=2, fused=fused)
     with pytest.warns(RuntimeWarning):
         _poisoned_step(model, optimizer, float("nan"))

@@ -13,7 +13,7 @@ from torch import nn
 import peqa_peft
 from peqa_peft import IntLion, QftConfig
 from peqa_peft.quant import compute_qparams, dequantize, quantize
-from peqa_peft.tuners.qft import Int8Grad, QftWeight, qft_linear
+from peqa_peft.tuners.qft import Int8Grad, QftLayer, QftWeight, qft_linear
 from peqa_peft.utils import model_state_bytes
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -41,14 +41,14 @@ def test_bad_config_values(kwargs):
 def test_unsupported_target_raises_and_leaves_model_untouched():
     model = tiny_llama()
     with pytest.raises(TypeError, match="supports torch.nn.Linear"):
-        get_peft_model(model, QftConfig(target_modules=["q_proj", "embed_tokens"]))
+        get_peft_model(model, QftConfig(target_modules=["q_proj", "input_layernorm"]))
     assert all(type(m) is not peqa_peft.tuners.qft.Linear for m in model.modules())
 
 
-def test_tied_output_head_is_refused():
+def test_tied_output_head_without_the_embeddings_is_refused():
     model = tiny_llama(tie_word_embeddings=True)
     with pytest.raises(ValueError, match="tie_word_embeddings"):
-        get_peft_model(model, QftConfig(target_modules=["q_proj", "lm_head"]))
+        get_peft_model(model, QftConfig(target_modules=["q_proj", "lm_head"], full_parameter=False))
 
 
 # ---------------------------------------------------------------- hybrid quantizer
@@ -201,19 +201,36 @@ def test_int8_gradient_accumulation_and_clipping_are_real():
 # ---------------------------------------------------------------- PEFT integration
 
 
-def test_wrapping_frees_float_weights_and_freezes_the_rest():
-    model = get_peft_model(tiny_llama(), QftConfig(task_type="CAUSAL_LM"))
+def test_linear_only_frees_float_weights_and_freezes_the_rest():
+    model = get_peft_model(tiny_llama(), QftConfig(task_type="CAUSAL_LM", full_parameter=False))
     layers = [m for m in model.modules() if isinstance(m, peqa_peft.tuners.qft.Linear)]
-    assert len(layers) == 2 * 7
+    assert len(layers) == 2 * 7 and not any(isinstance(m, peqa_peft.tuners.qft.Embedding) for m in layers)
     assert all(m.get_base_layer().weight is None for m in layers)  # no float master copy
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".qft_weight." in n for n in trainable)
     assert model.get_nb_trainable_parameters()[0] == sum(p.numel() for p in _qft_weights(model))
 
 
+def test_full_parameter_default_makes_every_parameter_trainable():
+    model = get_peft_model(tiny_llama(), QftConfig(task_type="CAUSAL_LM"))
+    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, QftLayer)}
+    assert len(layers) == 2 * 7 + 2
+    assert isinstance(layers["model.embed_tokens"], peqa_peft.tuners.qft.Embedding)
+    assert "lm_head" in layers and all(m.get_base_layer().weight is None for m in layers.values())
+    assert all(p.requires_grad for p in model.parameters())
+    floats = {n for n, p in model.named_parameters() if not isinstance(p, QftWeight)}
+    assert floats and all("norm" in n for n in floats)  # only the norms stay float
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == total == sum(p.numel() for p in tiny_llama().parameters())
+
+
 def test_modules_to_save_exclude_and_layers_to_transform():
     config = QftConfig(
-        target_modules=LINEARS, exclude_modules=["k_proj"], layers_to_transform=[1], modules_to_save=["lm_head"]
+        target_modules=LINEARS,
+        exclude_modules=["k_proj"],
+        layers_to_transform=[1],
+        modules_to_save=["lm_head"],
+        full_parameter=False,
     )
     model = get_peft_model(tiny_llama(), config)
     names = {n for n, m in model.named_modules() if isinstance(m, peqa_peft.tuners.qft.Linear)}

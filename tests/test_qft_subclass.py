@@ -63,7 +63,7 @@ def test_torch_compile_forward_backward_matches_eager():
     compiled = torch.compile(model.base_model.model, backend="aot_eager")
     c_loss, c_grads = _loss_and_grads(model, compiled, ids)
     assert torch.allclose(loss, c_loss, atol=1e-5)
-    assert len(grads) == 14 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, c_grads))
+    assert len(grads) == 16 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, c_grads))
 
 
 def test_distributed_checkpoint_round_trip(tmp_path):

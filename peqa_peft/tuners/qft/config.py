@@ -12,7 +12,7 @@ from .._base import QuantTargetsConfig
 
 @dataclass
 class QftConfig(QuantTargetsConfig):
-    """Configuration of a [`QftModel`]: which linear layers become trainable integer weights, and how.
+    """Configuration of a [`QftModel`]: which weights become trainable integer weights, and how.
 
     QFT (Li et al., 2023, "QFT: Quantized Full-parameter Tuning of LLMs with Affordable Resources") stores every
     targeted weight as int8 codes with per-output-channel scales plus a sparse set of float outliers (the *hybrid
@@ -20,6 +20,12 @@ class QftConfig(QuantTargetsConfig):
     (:class:`peqa_peft.optim.IntLion`) and keeps no floating point master copy.
 
     Args:
+        full_parameter: train every parameter of the model (the default, as in the paper): the targeted linear layers
+            *and* the token embeddings and output head (``get_input_embeddings()`` / ``get_output_embeddings()``,
+            tied or not) become integer weights, and every remaining float parameter (norm weights, biases,
+            non-targeted layers) is trained in its own dtype and saved with the checkpoint. ``False``: only the
+            targeted linear layers are tuned (``"all-linear"`` then leaves out the output head) and everything else
+            stays frozen.
         outlier_fraction: fraction of each weight's entries (the largest in magnitude) kept in float32 outside the
             int8 grid, in ``[0, 0.5)``; ``0`` disables outliers. Default 1%.
         outlier_refresh_steps: re-select the outlier set every this many optimizer steps (counted per weight by
@@ -29,13 +35,18 @@ class QftConfig(QuantTargetsConfig):
         init_method: how the int8 grid is chosen: ``"minmax"`` (full range of the non-outlier entries) or ``"mse"``
             (clipping search of :func:`peqa_peft.quant.compute_qparams`).
         target_modules: module names / regex / ``"all-linear"`` (the default when ``None``: every linear layer but
-            the output head). ``nn.Linear`` and transformers' ``Conv1D`` are supported.
+            the output head, which ``full_parameter`` adds). ``nn.Linear``, transformers' ``Conv1D`` and
+            ``nn.Embedding`` are supported.
         exclude_modules: names / regex of modules to leave untouched.
         layers_to_transform / layers_pattern: restrict to some layer indices, as in LoRA.
         modules_to_save: non-targeted modules (e.g. ``lm_head``, norms) trained in their own float dtype and saved
             with the checkpoint; everything else that is not targeted is frozen.
     """
 
+    full_parameter: bool = field(
+        default=True,
+        metadata={"help": "Train every parameter: embeddings and head as integer weights too, other floats in float."},
+    )
     outlier_fraction: float = field(default=0.01, metadata={"help": "Fraction of entries kept as float outliers."})
     outlier_refresh_steps: int = field(
         default=100, metadata={"help": "Re-select outliers every N optimizer steps (0: never)."}
@@ -48,6 +59,8 @@ class QftConfig(QuantTargetsConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.QFT
+        if not isinstance(self.full_parameter, bool):
+            raise TypeError(f"`full_parameter` must be a bool, got {self.full_parameter!r}")
         frac = self.outlier_fraction
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac < 0.5:
             raise ValueError(f"`outlier_fraction` must be a number in [0, 0.5), got {frac!r}")

@@ -11,7 +11,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import QftConfig
+from .embedding import qft_embedding
 from .tensor import WEIGHT_FIELDS, QftWeight, qft_linear
+
+SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Embedding)
 
 
 class QftWeightDict(nn.ParameterDict):
@@ -53,12 +56,26 @@ class QftWeightDict(nn.ParameterDict):
 
 
 def _float_weight(module: nn.Module) -> torch.Tensor:
-    """The ``(out_features, in_features)`` weight of an ``nn.Linear`` or transformers ``Conv1D``."""
+    """The 2-D weight QFT stores by rows: ``(out, in)`` of a linear layer, ``(num_embeddings, dim)`` of a table."""
     if isinstance(module, Conv1D):
         return module.weight.t()  # Conv1D stores (in_features, out_features)
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, nn.Embedding)):
         return module.weight
-    raise TypeError(f"QFT supports torch.nn.Linear and transformers' Conv1D, got {type(module).__name__}")
+    raise TypeError(
+        f"QFT supports torch.nn.Linear, transformers' Conv1D and torch.nn.Embedding, got {type(module).__name__}"
+    )
+
+
+def check_embedding_options(module: nn.Embedding, name: str = "embedding") -> None:
+    """Refuse ``nn.Embedding`` options the integer lookup does not implement (they would be silently ignored)."""
+    unsupported = {
+        "max_norm": module.max_norm is not None,
+        "scale_grad_by_freq": module.scale_grad_by_freq,
+        "sparse": module.sparse,
+    }
+    used = [option for option, on in unsupported.items() if on]
+    if used:
+        raise ValueError(f"QFT cannot tune embedding '{name}': nn.Embedding option(s) {used} are not supported")
 
 
 class QftLayer(BaseTunerLayer):
@@ -72,8 +89,11 @@ class QftLayer(BaseTunerLayer):
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        if not isinstance(base_layer, (nn.Linear, Conv1D)):
-            raise TypeError(f"QFT supports torch.nn.Linear and transformers' Conv1D, got {type(base_layer).__name__}")
+        if not isinstance(base_layer, SUPPORTED_LAYERS):
+            raise TypeError(
+                "QFT supports torch.nn.Linear, transformers' Conv1D and torch.nn.Embedding, got "
+                f"{type(base_layer).__name__}"
+            )
         self.base_layer = base_layer
         self.qft_weight = QftWeightDict({})
         self._disable_adapters = False
@@ -135,12 +155,15 @@ class Linear(nn.Module, QftLayer):
         self.get_base_layer().weight = None
         self.merged_adapters.clear()
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _check_enabled(self) -> None:
         if self.disable_adapters:
             raise RuntimeError(
                 "QFT replaces the base weights (no float copy is kept), so there is no base model to run with the "
                 "adapter disabled; merge_and_unload() the model or load a fresh base model instead."
             )
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_enabled()
         base = self.get_base_layer()
         if self.merged:
             return base(x)
@@ -150,4 +173,25 @@ class Linear(nn.Module, QftLayer):
         return "qft." + super().__repr__()
 
 
-__all__ = ["Linear", "QftLayer", "QftWeightDict"]
+class Embedding(Linear):
+    """QFT layer over an ``nn.Embedding``: the ``(num_embeddings, dim)`` table as a trainable integer weight.
+
+    Lookups dequantize only the rows they read; the weight gradient is built chunk by chunk of the vocabulary
+    (see :mod:`peqa_peft.tuners.qft.embedding`). Merging writes the float table back into the base embedding.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: QftConfig, **kwargs: Any) -> None:
+        if not isinstance(base_layer, nn.Embedding):
+            raise TypeError(f"qft.Embedding wraps a torch.nn.Embedding, got {type(base_layer).__name__}")
+        check_embedding_options(base_layer)
+        super().__init__(base_layer, adapter_name, config, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_enabled()
+        base = self.get_base_layer()
+        if self.merged:
+            return base(x)
+        return qft_embedding(x, self.qft_weight[self.active_adapters[0]], base.padding_idx)
+
+
+__all__ = ["Embedding", "Linear", "QftLayer", "QftWeightDict", "check_embedding_options"]

@@ -5,13 +5,29 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .._base import QuantTunerMixin
 from .config import QftConfig
-from .layer import Linear, QftLayer
+from .layer import SUPPORTED_LAYERS, Embedding, Linear, QftLayer, check_embedding_options
+from .tensor import QftWeight
+
+
+def _module_name(model: nn.Module, module: Optional[nn.Module]) -> Optional[str]:
+    if module is None:
+        return None
+    return next((name for name, m in model.named_modules() if m is module), None)
+
+
+def _embedding_modules(model: nn.Module) -> tuple[Optional[nn.Module], Optional[nn.Module]]:
+    """The model's input embeddings and output head, where it has them."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    try:
+        return (get_in() if callable(get_in) else None), (get_out() if callable(get_out) else None)
+    except NotImplementedError:
+        return None, None
 
 
 class QftModel(QuantTunerMixin, BaseTuner):
@@ -35,6 +51,7 @@ class QftModel(QuantTunerMixin, BaseTuner):
 
     prefix: str = "qft_"
     tuner_layer_cls = QftLayer
+    _extra_targets: frozenset = frozenset()
 
     def _check_new_adapter_config(self, config: QftConfig) -> None:
         super()._check_new_adapter_config(config)
@@ -52,8 +69,11 @@ class QftModel(QuantTunerMixin, BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: Optional[dict[str, torch.Tensor]] = None,
     ) -> None:
-        if state_dict is None:
-            self._validate_targets(model, self.peft_config[adapter_name])
+        config = self.peft_config[adapter_name]
+        self._extra_targets = self._full_parameter_targets(model, config)
+        targets = self._validate_targets(model, config) if state_dict is None else {}
+        embeddings, head = _embedding_modules(model)
+        tied = embeddings is not None and head is not None and getattr(head, "weight", None) is embeddings.weight
         super().inject_adapter(
             model,
             adapter_name,
@@ -61,24 +81,74 @@ class QftModel(QuantTunerMixin, BaseTuner):
             low_cpu_mem_usage=low_cpu_mem_usage,
             state_dict=state_dict,
         )
+        if tied and (state_dict is not None or (embeddings in targets.values() and head in targets.values())):
+            self._share_tied_weight(model, adapter_name)
 
-    def _validate_targets(self, model: nn.Module, config: QftConfig) -> None:
-        """Raise before anything is replaced if a target is not a linear layer or shares its weight."""
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    def _full_parameter_targets(self, model: nn.Module, config: QftConfig) -> frozenset:
+        """Names of the input embeddings and output head, which ``full_parameter`` adds to the targets."""
+        if not config.full_parameter:
+            return frozenset()
+        self._prepare_adapter_config(config, self.get_model_config(model))
+        names = set()
+        for module in _embedding_modules(model):
+            name = _module_name(model, module)
+            match = BaseTuner._check_target_module_exists(config, name) if name else None
+            if name and not isinstance(match, _ExcludedModule) and isinstance(module, SUPPORTED_LAYERS):
+                names.add(name)
+        return frozenset(names)
+
+    def _check_target_module_exists(self, config: QftConfig, key: str):
+        if key in self._extra_targets:
+            return True
+        return BaseTuner._check_target_module_exists(config, key)
+
+    def _validate_targets(self, model: nn.Module, config: QftConfig) -> dict[str, nn.Module]:
+        """Raise before anything is replaced if a target cannot be tuned; return the targets."""
+        embeddings, _ = _embedding_modules(model)
         tied = getattr(embeddings, "weight", None)
-        for key, module in self._find_targets(model, config).items():
+        targets = self._find_targets(model, config)
+        for key, module in targets.items():
             if isinstance(module, QftLayer):
                 raise ValueError(f"Module '{key}' is already a QFT layer; a model can hold only one QFT adapter.")
-            if not isinstance(module, (nn.Linear, Conv1D)):
+            if not isinstance(module, SUPPORTED_LAYERS):
                 raise TypeError(
-                    f"Target module '{key}' is a {type(module).__name__}; QFT supports torch.nn.Linear and "
-                    "transformers' Conv1D. Adjust `target_modules` or add it to `exclude_modules`."
+                    f"Target module '{key}' is a {type(module).__name__}; QFT supports torch.nn.Linear, "
+                    "transformers' Conv1D and torch.nn.Embedding. Adjust `target_modules` or add it to "
+                    "`exclude_modules`."
                 )
-            if tied is not None and module.weight is tied:
+            if isinstance(module, nn.Embedding):
+                check_embedding_options(module, key)
+            elif tied is not None and module.weight is tied and embeddings not in targets.values():
                 raise ValueError(
                     f"Target module '{key}' shares its weight with the input embeddings (tie_word_embeddings); QFT "
-                    "replaces the weight by integers, which would silently untie them. Exclude it or untie first."
+                    "replaces the weight by integers, which would silently untie them. Target the embeddings too "
+                    "(`full_parameter=True` does), exclude it, or untie first."
                 )
+        return targets
+
+    def _share_tied_weight(self, model: nn.Module, adapter_name: str) -> None:
+        """Give a tied output head the embeddings' integer weight itself (one weight, gradients from both uses)."""
+        embeddings, head = _embedding_modules(model)
+        if isinstance(embeddings, QftLayer) and isinstance(head, QftLayer):
+            head.qft_weight[adapter_name] = embeddings.qft_weight[adapter_name]
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        """PEFT's freezing, then (``full_parameter``) every remaining float parameter trainable again."""
+        super()._mark_only_adapters_as_trainable(model)
+        config = self.peft_config[self.active_adapters[0]]
+        if getattr(config, "full_parameter", False) and not config.inference_mode:
+            for param in model.parameters():
+                if not isinstance(param, QftWeight) and param.is_floating_point():
+                    param.requires_grad_(True)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """The QFT weights and, with ``full_parameter``, every float parameter (norms, biases): all that is tuned."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if getattr(config, "full_parameter", False):
+            floats = {name for name, p in model.named_parameters() if not isinstance(p, QftWeight)}
+            selected.update({k: v for k, v in state_dict.items() if k in floats})
+        return selected
 
     def _create_and_replace(
         self,
@@ -93,7 +163,8 @@ class QftModel(QuantTunerMixin, BaseTuner):
         if isinstance(target, QftLayer):
             target.update_layer(adapter_name, peft_config)  # raises: one QFT adapter per model
             return
-        new_module = Linear(target, adapter_name, peft_config)
+        layer_cls = Embedding if isinstance(target, nn.Embedding) else Linear
+        new_module = layer_cls(target, adapter_name, peft_config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

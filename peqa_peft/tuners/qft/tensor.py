@@ -389,6 +389,23 @@ class Int8Grad(torch.Tensor):
         self.scale.copy_(fresh.scale)
         return self
 
+    @staticmethod
+    def _sum(a: torch.Tensor, b: torch.Tensor, alpha: float = 1) -> Int8Grad:
+        """``a + alpha * b`` (int8 and/or float gradients) as a fresh ``Int8Grad``, requantized row chunk by chunk.
+
+        Autograd sums the gradients of a weight used twice in one graph (tied embeddings and output head) this way.
+        """
+        like = a if isinstance(a, Int8Grad) else b
+        codes = torch.empty(like.shape, dtype=torch.int8, device=like.device)
+        scale = torch.empty(like.shape[0], 1, dtype=torch.float32, device=like.device)
+
+        def rows(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+            return t.dequantize_rows(r0, r1, torch.float32) if isinstance(t, Int8Grad) else t[r0:r1].float()
+
+        for r0, r1 in row_chunks(like.shape[0], like.shape[1]):
+            codes[r0:r1], scale[r0:r1] = _quantize_grad_rows(rows(a, r0, r1).add_(rows(b, r0, r1), alpha=alpha))
+        return Int8Grad(codes, scale, like.dtype)
+
     def _norm(self, ord: float) -> torch.Tensor:
         if ord == 2:
             # ||g||_2 from the codes: sum over rows of scale^2 * sum(code^2), no float copy of the gradient.
@@ -429,6 +446,8 @@ class Int8Grad(torch.Tensor):
             other = other.dequantize(torch.float32) if isinstance(other, Int8Grad) else other.float()
             # Gradient accumulation: the sum is requantized with fresh per-row scales.
             return src._requantize_(src.dequantize(torch.float32).add_(other, alpha=kwargs.get("alpha", 1)))
+        if func is aten.add.Tensor and all(isinstance(t, torch.Tensor) and t.shape == src.shape for t in args[:2]):
+            return Int8Grad._sum(args[0], args[1], kwargs.get("alpha", 1))
         if func is aten.linalg_vector_norm.default:
             ord = args[1] if len(args) > 1 else kwargs.get("ord", 2)
             if len(args) <= 2 and not kwargs.get("dim"):

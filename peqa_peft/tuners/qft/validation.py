@@ -33,6 +33,8 @@ def _weight_shape(module: nn.Module) -> Optional[tuple[int, int]]:
         return tuple(base.weight.shape[::-1])
     if isinstance(base, nn.Linear):
         return base.out_features, base.in_features
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim
     return None
 
 
@@ -52,13 +54,35 @@ def _check_fields(fields: dict[str, torch.Tensor], shape: tuple[int, int], where
         raise ValueError(f"{where}: 'outlier_idx' must hold distinct sorted indices into the {shape} weight")
 
 
+def _check_float_params(floats: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """The float parameters a full-parameter checkpoint holds (norms, biases) must exist in ``model`` and fit."""
+    params = dict(model.named_parameters())
+    for key, tensor in floats.items():
+        path = key.removeprefix("base_model.model.")
+        param = params.get(path, params.get(path.replace(".base_layer.", ".")))
+        if param is None:
+            raise ValueError(f"{source}: '{path}' is neither a QFT weight nor a parameter of this model")
+        if not tensor.is_floating_point() or tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(
+                f"{source}: '{path}' must be a float tensor of shape {tuple(param.shape)}, got {tensor.dtype} "
+                f"{tuple(tensor.shape)}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{source}: '{path}' holds non-finite values")
+
+
 def check_qft_weights(weights: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
-    """Raise a ``ValueError`` unless every saved QFT weight is complete, in range and fits its layer in ``model``."""
+    """Raise a ``ValueError`` unless every saved QFT weight is complete, in range and fits its layer in ``model``,
+    and every saved float parameter (a full-parameter checkpoint's norms and biases) fits its parameter."""
     per_layer: dict[str, dict[str, torch.Tensor]] = {}
+    floats: dict[str, torch.Tensor] = {}
     for key, tensor in weights.items():
         parsed = _split(key)
         if parsed:
             per_layer.setdefault(parsed[0], {})[parsed[1]] = tensor
+        else:
+            floats[key] = tensor
+    _check_float_params(floats, model, source)
     if not per_layer:
         raise ValueError(f"{source}: the file holds no QFT weights ('*.qft_weight.*' tensors)")
     modules = dict(model.named_modules())
@@ -69,5 +93,5 @@ def check_qft_weights(weights: dict[str, torch.Tensor], model: nn.Module, source
             raise ValueError(f"{where} lacks the QFT field(s) {missing}")
         shape = _weight_shape(modules[path]) if path in modules else None
         if shape is None:
-            raise ValueError(f"{where} is not a linear layer of this model")
+            raise ValueError(f"{where} is not a linear or embedding layer of this model")
         _check_fields(fields, shape, where)
