@@ -23,14 +23,14 @@ from peqa_peft.data import format_alpaca
 from peqa_peft.utils import model_state_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = [  # (base dtype, fused, int8 gradients, extra targets)
-    (torch.float32, False, True, []),
-    (torch.float32, True, True, []),
-    (torch.float32, False, True, ["lm_head"]),
-    (torch.float32, True, True, ["lm_head"]),
-    (torch.bfloat16, False, True, []),
-    (torch.bfloat16, True, True, []),
-    (torch.float32, False, False, []),
+SETTINGS = [  # (base dtype, fused, int8 gradients, full_parameter)
+    (torch.float32, False, True, True),
+    (torch.float32, True, True, True),
+    (torch.bfloat16, False, True, True),
+    (torch.bfloat16, True, True, True),
+    (torch.float32, False, True, False),
+    (torch.float32, True, True, False),
+    (torch.float32, False, False, True),
 ]
 
 
@@ -42,11 +42,15 @@ def batch(tokenizer, n: int = 4, seq_len: int = 128) -> dict:
     return dict(enc)
 
 
-def measure(model_path: str, dtype, fused: bool, int8_grads: bool, extra: list[str], inputs: dict) -> dict:
+def measure(model_path: str, dtype, fused: bool, int8_grads: bool, full_parameter: bool, inputs: dict) -> dict:
+    """Model-state bytes per parameter, ``{"weights", "gradients", "optimizer"}``, after the second backward pass.
+
+    ``full_parameter``: QftConfig's default (every parameter trainable: linears, embeddings and head as integer
+    weights, norms in float); otherwise only the linear layers but the head, with the rest frozen in ``dtype``.
+    """
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     n_params = sum(p.numel() for p in base.parameters())
-    targets = sorted({n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n})
-    config = QftConfig(target_modules=targets + extra, int8_gradients=int8_grads, task_type="CAUSAL_LM")
+    config = QftConfig(int8_gradients=int8_grads, full_parameter=full_parameter, task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
     optimizer = IntLion.from_model(model, lr=1e-5, fused=fused)
     for _ in range(2):
@@ -68,11 +72,11 @@ def main() -> None:
         "| % of 16 B/param |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for dtype, fused, int8_grads, extra in SETTINGS:
-        r = measure(args.model, dtype, fused, int8_grads, extra, inputs)
+    for dtype, fused, int8_grads, full in SETTINGS:
+        r = measure(args.model, dtype, fused, int8_grads, full, inputs)
         total = sum(r.values())
         print(
-            f"| {str(dtype).removeprefix('torch.')} | all-linear{' + lm_head' if extra else ''} "
+            f"| {str(dtype).removeprefix('torch.')} | {'all parameters' if full else 'linear only'} "
             f"| {'fused' if fused else 'standard'} | {'int8' if int8_grads else 'fp32'} | {r['weights']:.3f} "
             f"| {r['gradients']:.3f} | {r['optimizer']:.3f} | {total:.3f} | {100 * total / 16:.2f}% |"
         )

@@ -194,7 +194,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     schedules = ["constant", "constant_with_warmup", "cosine", "linear"]
-    parser.add_argument("--schedule", default="cosine", choices=schedules)
+    parser.add_argument("--schedule", default="linear", choices=schedules)
     parser.add_argument("--warmup", type=float, default=0.1, help="warm-up steps as a fraction of --steps")
     parser.add_argument("--eval-tokens", type=int, help="evaluate on the first N test tokens only (default: all)")
     parser.add_argument("--seed", type=int, default=0)

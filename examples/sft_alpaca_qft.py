@@ -55,7 +55,12 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model)
     n_params = sum(p.numel() for p in model.parameters())
     config = QftConfig(
-        task_type="CAUSAL_LM", outlier_fraction=args.outlier_fraction, int8_gradients=not args.float_gradients
+        task_type="CAUSAL_LM",
+        # TRL's SFTTrainer computes the loss from lm_head.weight directly (fused LM head) and refuses a PEFT layer
+        # there, so under SFTTrainer the output head is trained as a float parameter; everything else is integer.
+        exclude_modules=["lm_head"],
+        outlier_fraction=args.outlier_fraction,
+        int8_gradients=not args.float_gradients,
     )
     model = get_peft_model(model, config)
     train_args = SFTConfig(

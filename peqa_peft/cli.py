@@ -75,6 +75,11 @@ def add_train_parser(sub) -> None:
         "--group-size", type=_int_or_none, default=None, help="PEQA group size (default per channel; peqa only)"
     )
     p.add_argument("--target-modules", default="all-linear", help="'all-linear' or comma-separated module names")
+    p.add_argument(
+        "--qft-linear-only",
+        action="store_true",
+        help="QFT: tune only the linear layers (default: every parameter; --method qft only)",
+    )
     p.add_argument("--lora-r", type=_positive, default=8)
     p.add_argument("--lora-alpha", type=_positive, default=16)
     p.add_argument("--max-steps", type=_max_steps, default=-1, help="optimizer steps (default -1: --epochs)")
@@ -171,6 +176,8 @@ def run_train(args: argparse.Namespace) -> dict:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.method != "peqa" and (args.bits is not None or args.group_size is not None):
         raise ValueError(f"--bits/--group-size set PEQA's quantization; they do not apply to --method {args.method}")
+    if args.method != "qft" and args.qft_linear_only:
+        raise ValueError(f"--qft-linear-only selects QFT's targets; it does not apply to --method {args.method}")
     if values["bits"] is None:
         del values["bits"]  # TrainConfig's default
     if args.target_modules != "all-linear":

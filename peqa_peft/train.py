@@ -40,6 +40,7 @@ class TrainConfig:
     bits: int = 4
     group_size: Optional[int] = None
     target_modules: Union[str, list[str]] = "all-linear"
+    qft_linear_only: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
     max_steps: int = -1
@@ -183,7 +184,10 @@ def peft_config_for(cfg: TrainConfig):
     if cfg.method == "qft":
         from .tuners import QftConfig
 
-        return QftConfig(**common)
+        # Every parameter trains (QftConfig's full_parameter default) unless --qft-linear-only. TRL's SFTTrainer
+        # computes the loss from lm_head.weight directly (a fused LM head) and refuses a PEFT layer there, so the
+        # output head trains as a float parameter here; every other weight is an integer weight.
+        return QftConfig(full_parameter=not cfg.qft_linear_only, exclude_modules=["lm_head"], **common)
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, **common)
 
 

@@ -30,7 +30,9 @@ def _trainer(out_dir, max_steps: int, grad_accum: int = 1, max_grad_norm: float 
     from trl import SFTConfig, SFTTrainer
 
     model = AutoModelForCausalLM.from_pretrained(DEMO_LLAMA)
-    model = get_peft_model(model, QftConfig(task_type="CAUSAL_LM", outlier_refresh_steps=2))
+    # TRL's fused LM head reads lm_head.weight directly and refuses a PEFT layer there: the head trains in float.
+    config = QftConfig(task_type="CAUSAL_LM", outlier_refresh_steps=2, exclude_modules=["lm_head"])
+    model = get_peft_model(model, config)
     args = SFTConfig(
         output_dir=str(out_dir),
         max_steps=max_steps,
