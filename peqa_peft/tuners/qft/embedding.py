@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ...optim.chunks import row_chunks
+from .distributed import sync_grad_chunk_
 from .tensor import Int8Grad, QftWeight, _quantize_grad_rows
 
 
@@ -54,6 +55,7 @@ def _weight_grad(
         lo, hi = torch.searchsorted(ids, bounds).tolist()
         chunk = torch.zeros(r1 - r0, cols, dtype=torch.float32, device=go.device)
         chunk.index_add_(0, ids[lo:hi] - r0, go[lo:hi])
+        sync_grad_chunk_(chunk, weight)
         if int8:
             codes[r0:r1], scale[r0:r1] = _quantize_grad_rows(chunk)
         else:

@@ -50,7 +50,9 @@ class QftWeightDict(nn.ParameterDict):
         for name, weight in list(self._parameters.items()):
             with torch.no_grad():
                 new = fn(weight)
-            if new is not weight:
+            # `.to()` to the weight's own device/dtype still re-wraps a QftWeight; keeping the original Parameter then
+            # matters: an optimizer built before `model.to(device)` (Trainer + accelerate under DDP) holds it.
+            if new is not weight and (new.device, new.dtype) != (weight.device, weight.dtype):
                 self._parameters[name] = nn.Parameter(new, requires_grad=weight.requires_grad)
         return self
 

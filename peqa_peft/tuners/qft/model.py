@@ -10,6 +10,7 @@ from torch import nn
 
 from .._base import QuantTunerMixin
 from .config import QftConfig
+from .distributed import ddp_ignored_names
 from .layer import SUPPORTED_LAYERS, Embedding, Linear, QftLayer, check_embedding_options
 from .tensor import QftWeight
 
@@ -96,6 +97,15 @@ class QftModel(QuantTunerMixin, BaseTuner):
             if name and not isinstance(match, _ExcludedModule) and isinstance(module, SUPPORTED_LAYERS):
                 names.add(name)
         return frozenset(names)
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """DDP's protocol: its float buckets must not hold the integer weights (see ``.distributed``).
+
+        Reached as an attribute of the ``PeftModel`` that Trainer / accelerate wrap, so the names are given relative
+        to it, to this tuner and to the transformers model.
+        """
+        return ddp_ignored_names(self.model, ("base_model.model.", "model.", ""))
 
     def _check_target_module_exists(self, config: QftConfig, key: str):
         if key in self._extra_targets:

@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_map
 
 from ...optim.chunks import row_chunks
 from ...quant.quantizer import compute_qparams, quantize
+from .distributed import sync_grad_chunk_
 
 aten = torch.ops.aten
 
@@ -101,6 +102,7 @@ class QftWeight(torch.Tensor):
     zero_point: torch.Tensor
     outlier_idx: torch.Tensor
     outlier_val: torch.Tensor
+    sync_grads: bool = False  # all-reduce gradient chunks in backward (set under DDP, see .distributed)
 
     @staticmethod
     def __new__(cls, codes, scale, zero_point, outlier_idx, outlier_val, dtype, int8_grad=True, refresh_every=0):
@@ -498,9 +500,9 @@ class _QftLinearFn(torch.autograd.Function):
             elif need_x:
                 grad_x.add_(go_rows @ weight.dequantize_rows(r0, r1, go.dtype))
             if int8:
-                codes[r0:r1], scale[r0:r1] = _quantize_grad_rows(go_rows.t() @ x2)
+                codes[r0:r1], scale[r0:r1] = _quantize_grad_rows(sync_grad_chunk_(go_rows.t() @ x2, weight))
             elif need_w:
-                torch.mm(go_rows.t(), x2, out=grad_w[r0:r1])
+                sync_grad_chunk_(torch.mm(go_rows.t(), x2, out=grad_w[r0:r1]), weight)
         if int8:
             grad_w = Int8Grad(codes, scale, weight.dtype)
         elif need_w:
