@@ -97,3 +97,31 @@ def test_moving_a_qft_model_to_its_own_device_keeps_the_optimizer_params():
     ids = torch.randint(0, 128, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for group in optimizer.param_groups for p in group["params"])
+
+
+def _fsdp2(method: str, out) -> list[dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    worker = REPO / "tests" / "dist" / "fsdp2_worker.py"
+    cmd = [*_torchrun(), str(worker), "--model", str(DEMO_LLAMA), "--method", method, "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+@pytest.mark.slow
+def test_peqa_under_fsdp2_saves_a_gathered_adapter_that_reloads(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ranks = _fsdp2("peqa", tmp_path)
+    assert all("error" not in r and len(r["losses"]) == 2 for r in ranks), ranks
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO_LLAMA), tmp_path / "adapter")
+    with torch.no_grad():
+        logits = reloaded(input_ids=torch.arange(16).view(1, 16)).logits
+    assert torch.allclose(logits, torch.load(tmp_path / "logits.pt"), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_qft_under_fsdp2_is_refused_with_a_clear_error(tmp_path):
+    ranks = _fsdp2("qft", tmp_path)
+    assert all("does not support FSDP2" in r.get("error", "") for r in ranks), ranks

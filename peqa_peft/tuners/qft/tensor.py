@@ -331,6 +331,12 @@ class QftWeight(torch.Tensor):
         if func is aten.copy_.default and isinstance(args[1], QftWeight):
             src.load_state_tensors_(args[1].state_tensors())
             return src
+        if func in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
+            # What FSDP2's fully_shard does first; a QftWeight has no sharded form (yet): say so plainly.
+            raise NotImplementedError(
+                "a QftWeight cannot be split into shards: QFT does not support FSDP2 (fully_shard) yet; train it "
+                "with DDP (torchrun / accelerate launch), see the README's multi-process section"
+            )
         return _rewrap_fallback(cls, func, args, kwargs)
 
     def __repr__(self) -> str:
