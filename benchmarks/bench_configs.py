@@ -218,8 +218,11 @@ def build_qft(ctx: Context, spec: Spec) -> Built:
     from peqa_peft import IntLion, QftConfig
 
     base = load_base(ctx)
-    # Full-parameter tuning: every linear layer including the output head becomes an integer weight.
-    config = QftConfig(target_modules=linear_names(base, include_head=True), task_type="CAUSAL_LM")
+    # Every linear layer including the output head becomes an integer weight; embeddings and norms stay frozen
+    # (full_parameter=False: the setting of the recorded tables; QftConfig's default also tunes those).
+    config = QftConfig(
+        target_modules=linear_names(base, include_head=True), task_type="CAUSAL_LM", full_parameter=False
+    )
     model, seconds, numel = _timed_wrap(base, config, include_head=True)
     fused = bool(spec.params.get("fused"))
     optimizer = IntLion(_trainable(model), lr=ctx.lr["qft"], betas=(0.9, 0.99), fused=fused)
