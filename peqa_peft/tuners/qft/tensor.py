@@ -40,10 +40,21 @@ _GRAD_MAXQ = 127
 WEIGHT_FIELDS = ("codes", "scale", "zero_point", "outlier_idx", "outlier_val")
 
 
+# Gradient rows whose largest entry is below this are stored as zero. They occur in an output head's rows for tokens
+# far in the softmax tail (probabilities ~e^-70); once dequantized they are denormal floats, and every optimizer pass
+# over denormals runs ~100x slower on CPUs (measured: IntLion steps of 15 s instead of 0.4 s on the demo model).
+GRAD_ROW_FLOOR = 2.0**-100
+
+
 def _quantize_grad_rows(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes and float32 per-row absmax scales of a 2-D gradient block (round to nearest)."""
     g = g.float()
-    scale = g.abs().amax(dim=1, keepdim=True).div_(_GRAD_MAXQ).clamp_min_(torch.finfo(torch.float32).tiny)
+    absmax = g.abs().amax(dim=1, keepdim=True)
+    negligible = absmax < GRAD_ROW_FLOOR
+    if negligible.any():
+        g = g.masked_fill(negligible, 0.0)
+        absmax.masked_fill_(negligible, 0.0)
+    scale = absmax.div_(_GRAD_MAXQ).clamp_min_(torch.finfo(torch.float32).tiny)
     codes = torch.div(g, scale).round_().clamp_(-_GRAD_MAXQ, _GRAD_MAXQ).to(torch.int8)
     return codes, scale
 
