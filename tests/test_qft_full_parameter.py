@@ -121,3 +121,13 @@ def test_a_bad_saved_norm_is_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
         PeftModel.from_pretrained(fresh, tmp_path)
     assert type(fresh.model.embed_tokens) is nn.Embedding
+
+
+def test_tied_pair_cannot_be_split_between_integer_and_float():
+    model = tiny_llama(tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        get_peft_model(model, QftConfig(task_type="CAUSAL_LM", exclude_modules=["lm_head"]))
+    assert type(model.model.embed_tokens) is nn.Embedding
+    both_float = get_peft_model(model, QftConfig(task_type="CAUSAL_LM", exclude_modules=["lm_head", "embed_tokens"]))
+    base = both_float.get_base_model()
+    assert base.lm_head.weight is base.model.embed_tokens.weight and base.lm_head.weight.requires_grad

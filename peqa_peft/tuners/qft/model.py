@@ -114,9 +114,16 @@ class QftModel(QuantTunerMixin, BaseTuner):
 
     def _validate_targets(self, model: nn.Module, config: QftConfig) -> dict[str, nn.Module]:
         """Raise before anything is replaced if a target cannot be tuned; return the targets."""
-        embeddings, _ = _embedding_modules(model)
+        embeddings, head = _embedding_modules(model)
         tied = getattr(embeddings, "weight", None)
         targets = self._find_targets(model, config)
+        chosen = list(targets.values())
+        if tied is not None and getattr(head, "weight", None) is tied and (embeddings in chosen) != (head in chosen):
+            raise ValueError(
+                "The output head shares its weight with the input embeddings (tie_word_embeddings); QFT can only turn "
+                "the pair into one integer weight, or leave both float: target both or neither (under TRL's "
+                "SFTTrainer, exclude_modules=['lm_head', <embeddings>] trains the tied pair in float), or untie first."
+            )
         for key, module in targets.items():
             if isinstance(module, QftLayer):
                 raise ValueError(f"Module '{key}' is already a QFT layer; a model can hold only one QFT adapter.")
@@ -128,7 +135,7 @@ class QftModel(QuantTunerMixin, BaseTuner):
                 )
             if isinstance(module, nn.Embedding):
                 check_embedding_options(module, key)
-            elif tied is not None and module.weight is tied and embeddings not in targets.values():
+            elif tied is not None and module.weight is tied and embeddings not in chosen:
                 raise ValueError(
                     f"Target module '{key}' shares its weight with the input embeddings (tie_word_embeddings); QFT "
                     "replaces the weight by integers, which would silently untie them. Target the embeddings too "
