@@ -50,7 +50,9 @@ def test_unsupported_ops_raise_unless_opted_in():
 def _loss_and_grads(model, forward, ids):
     loss = forward(input_ids=ids, labels=ids).loss
     loss.backward()
-    grads = [p.grad.dequantize().clone() for p in model.parameters() if isinstance(p, QftWeight)]
+    grads = [
+        (p.grad.dequantize().clone(), p.grad.scale.clone()) for p in model.parameters() if isinstance(p, QftWeight)
+    ]
     model.zero_grad(set_to_none=True)
     return loss.detach(), grads
 
@@ -63,7 +65,11 @@ def test_torch_compile_forward_backward_matches_eager():
     compiled = torch.compile(model.base_model.model, backend="aot_eager")
     c_loss, c_grads = _loss_and_grads(model, compiled, ids)
     assert torch.allclose(loss, c_loss, atol=1e-5)
-    assert len(grads) == 16 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, c_grads))
+    assert len(grads) == 16
+    for (a, scale), (b, _) in zip(grads, c_grads):
+        # The same gradient summed in another order may round to the neighbouring int8 code: at most one step.
+        assert ((a - b).abs() <= scale * 1.001 + 1e-7).all()
+        assert ((a - b).abs() > 1e-5).float().mean() < 1e-3  # and only rarely
 
 
 def test_distributed_checkpoint_round_trip(tmp_path):
