@@ -131,3 +131,17 @@ def test_tied_pair_cannot_be_split_between_integer_and_float():
     both_float = get_peft_model(model, QftConfig(task_type="CAUSAL_LM", exclude_modules=["lm_head", "embed_tokens"]))
     base = both_float.get_base_model()
     assert base.lm_head.weight is base.model.embed_tokens.weight and base.lm_head.weight.requires_grad
+
+
+def test_a_saved_config_from_before_full_parameter_loads_linear_only(tmp_path):
+    import json
+
+    model = get_peft_model(tiny_llama(), QftConfig(task_type="CAUSAL_LM", full_parameter=False))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["full_parameter"]  # as written by peqa_peft before the option existed
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert not reloaded.peft_config["default"].full_parameter
+    assert not isinstance(reloaded.get_input_embeddings(), QftLayer)
+    assert QftConfig.from_pretrained(tmp_path).full_parameter is False

@@ -56,6 +56,13 @@ class QftConfig(QuantTargetsConfig):
         default="minmax", metadata={"help": "'minmax' or 'mse' choice of the per-channel int8 grid."}
     )
 
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """A saved config without ``full_parameter`` predates it: it was linear-only, and must load as such."""
+        kwargs = super().check_kwargs(**kwargs)
+        kwargs.setdefault("full_parameter", False)
+        return kwargs
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.QFT
