@@ -1,6 +1,6 @@
 """Multi-process training on CPU with gloo: QFT and PEQA under DDP through transformers' Trainer.
 
-Each run trains the bundled demo model for a few steps in order (tests/dist/trainer_worker.py): one process at
+Each run trains the bundled demo model for a few steps in order (tests/workers/trainer_worker.py): one process at
 global batch 4, and 2 ranks at 2 per rank, launched by ``torchrun`` or ``accelerate launch``. Ranks must end
 bit-identical and the losses match the single process up to float summation order.
 """
@@ -18,7 +18,7 @@ from peft import get_peft_model
 from peqa_peft import IntLion, QftConfig
 from peqa_peft.tuners.qft import QftWeight
 
-WORKER = REPO / "tests" / "dist" / "trainer_worker.py"
+WORKER = REPO / "tests" / "workers" / "trainer_worker.py"
 # accelerate's MULTI_CPU type launches through MPI (mpirun), which is not installed here; its multi-process launcher
 # (MULTI_GPU: torch's elastic launcher) runs on CPU too, each process using gloo because Trainer has use_cpu=True.
 ACCELERATE_CONFIG = """compute_environment: LOCAL_MACHINE
@@ -101,7 +101,7 @@ def test_moving_a_qft_model_to_its_own_device_keeps_the_optimizer_params():
 
 def _fsdp2(method: str, out) -> list[dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    worker = REPO / "tests" / "dist" / "fsdp2_worker.py"
+    worker = REPO / "tests" / "workers" / "fsdp2_worker.py"
     cmd = [*_torchrun(), str(worker), "--model", str(DEMO_LLAMA), "--method", method, "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
