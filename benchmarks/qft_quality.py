@@ -56,7 +56,7 @@ SWEEPS = {
     "qft-linear-fgrad": [3e-5],
 }
 # Each configuration's best learning rate in the recorded sweep (benchmarks/results/qft-quality/results.md).
-RECOMMENDED = {"adamw": 1e-3, "lion": 2e-4, "qft": 2e-4}
+RECOMMENDED = {"adamw": 1e-3, "lion": 3e-4, "qft": 3e-4}
 FULL_FT = ("adamw", "lion")  # the fp32 full fine-tuning references
 
 
