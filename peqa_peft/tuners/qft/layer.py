@@ -157,19 +157,19 @@ class Linear(nn.Module, QftLayer):
         self.get_base_layer().weight = None
         self.merged_adapters.clear()
 
-    def _check_enabled(self) -> None:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             raise RuntimeError(
                 "QFT replaces the base weights (no float copy is kept), so there is no base model to run with the "
                 "adapter disabled; merge_and_unload() the model or load a fresh base model instead."
             )
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_enabled()
         base = self.get_base_layer()
         if self.merged:
             return base(x)
-        return qft_linear(x, self.qft_weight[self.active_adapters[0]], base.bias)
+        return self._qft_forward(x, self.qft_weight[self.active_adapters[0]], base)
+
+    def _qft_forward(self, x: torch.Tensor, weight: QftWeight, base: nn.Module) -> torch.Tensor:
+        return qft_linear(x, weight, base.bias)
 
     def __repr__(self) -> str:
         return "qft." + super().__repr__()
@@ -188,12 +188,8 @@ class Embedding(Linear):
         check_embedding_options(base_layer)
         super().__init__(base_layer, adapter_name, config, **kwargs)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_enabled()
-        base = self.get_base_layer()
-        if self.merged:
-            return base(x)
-        return qft_embedding(x, self.qft_weight[self.active_adapters[0]], base.padding_idx)
+    def _qft_forward(self, x: torch.Tensor, weight: QftWeight, base: nn.Module) -> torch.Tensor:
+        return qft_embedding(x, weight, base.padding_idx)
 
 
 __all__ = ["Embedding", "Linear", "QftLayer", "QftWeightDict", "check_embedding_options"]
