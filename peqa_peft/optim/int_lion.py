@@ -65,6 +65,11 @@ import torch
 from torch import nn
 
 from ..quant.stochastic import counter_generator
+
+try:  # FSDP2 hands the optimizer DTensor params; absent where torch has no distributed support
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None
 from .blockwise import dequantize_blocks, dequantize_blockwise, quantize_blocks, quantize_blockwise
 from .chunks import row_chunks
 
@@ -103,6 +108,21 @@ def _grad_is_finite(grad: torch.Tensor) -> bool:
         raise RuntimeError("IntLion does not support sparse gradients")
     check = getattr(grad, "is_finite", None)  # an int8 gradient checks its row scales only
     return check() if callable(check) else bool(torch.isfinite(grad).all())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of an FSDP2-sharded ``DTensor`` (the tensor itself otherwise): updates are rank-local."""
+    return t._local_tensor if _DTensor is not None and isinstance(t, _DTensor) else t
+
+
+def _shard_index(p: torch.Tensor) -> int:
+    """Which piece of a sharded ``DTensor`` param this rank holds (0 for an ordinary param)."""
+    if _DTensor is None or not isinstance(p, _DTensor):
+        return 0
+    index = 0
+    for size, coordinate in zip(p.device_mesh.shape, p.device_mesh.get_coordinate()):
+        index = index * size + coordinate
+    return index
 
 
 def _is_integer_weight(p: torch.Tensor) -> bool:
@@ -266,8 +286,9 @@ class IntLion(torch.optim.Optimizer):
 
     def _update(self, p: torch.Tensor, group: dict[str, Any], stream: int) -> bool:
         """Update ``p`` from its gradient; ``False`` (only the skip counters changed) if the gradient is not finite."""
-        state = self.state[p]
-        if not _grad_is_finite(p.grad):
+        state, shard = self.state[p], _shard_index(p)
+        p, grad_of_p = _local(p), _local(p.grad)  # an FSDP2 shard: this rank updates its own rows
+        if not _grad_is_finite(grad_of_p):
             state["skipped_steps"] = state.get("skipped_steps", 0) + 1
             state["consecutive_skips"] = state.get("consecutive_skips", 0) + 1
             return False
@@ -276,17 +297,17 @@ class IntLion(torch.optim.Optimizer):
         state["step"] += 1
         self._prepare_momentum(state, p, group)
         integer = _is_integer_weight(p)
-        generator = counter_generator(group["seed"], stream, state["step"], p.device) if integer else None
+        generator = counter_generator(group["seed"], stream, state["step"], p.device, shard) if integer else None
         # Weight-sized work runs chunk by chunk (see row_chunks): each chunk's gradient, momentum and update are
         # computed while they sit in cache, and no weight-sized float temporary is ever allocated.
         rows, row_len = (p.shape[0], p.shape[1]) if integer else (p.numel(), 1)
         # A float param is updated through a flat view (a copy written back at the end if it is not contiguous).
         flat = None if integer else (p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone())
-        flat_grad = None if integer else p.grad.reshape(-1)
+        flat_grad = None if integer else grad_of_p.reshape(-1)
         align = group["block_size"] if "momentum_absmax" in state else 1
         for r0, r1 in row_chunks(rows, row_len, align):
             a, b = r0 * row_len, r1 * row_len
-            grad = _grad_rows(p.grad, r0, r1) if integer else flat_grad[a:b].float()
+            grad = _grad_rows(grad_of_p, r0, r1) if integer else flat_grad[a:b].float()
             momentum = self._momentum_chunk(state, a, b)
             direction = lion_direction_(momentum, grad.reshape(-1), *group["betas"])
             self._store_momentum_chunk(state, momentum, a, b)

@@ -12,15 +12,20 @@ from typing import Optional
 
 import torch
 
-# Distinct odd multipliers keep (seed, stream, step) triples from colliding for any realistic values.
-_SEED_MULT, _STREAM_MULT, _STEP_MULT = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
+# Distinct odd multipliers keep (seed, stream, step, shard) tuples from colliding for any realistic values.
+_SEED_MULT, _STREAM_MULT, _STEP_MULT, _SHARD_MULT = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F
 _SEED_MASK = (1 << 63) - 1
 
 
-def counter_generator(seed: int, stream: int, step: int, device: torch.device) -> torch.Generator:
-    """A ``torch.Generator`` on ``device`` whose state depends only on ``(seed, stream, step)``."""
+def counter_generator(seed: int, stream: int, step: int, device: torch.device, shard: int = 0) -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` whose state depends only on ``(seed, stream, step, shard)``.
+
+    ``shard`` tells apart the ranks' pieces of one sharded parameter (FSDP2), which must not draw the same noise.
+    """
     generator = torch.Generator(device=device)
-    generator.manual_seed((seed * _SEED_MULT + stream * _STREAM_MULT + step * _STEP_MULT) & _SEED_MASK)
+    generator.manual_seed(
+        (seed * _SEED_MULT + stream * _STREAM_MULT + step * _STEP_MULT + shard * _SHARD_MULT) & _SEED_MASK
+    )
     return generator
 
 

@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--method", choices=["qft", "peqa"], default="qft")
     parser.add_argument("--per-device-batch", type=int, required=True)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--ddp-gradient-sync", choices=["fp32", "int8"], default="fp32")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -63,7 +64,9 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (64, 24), generator=torch.Generator().manual_seed(1))
     dataset = [{"input_ids": row, "labels": row} for row in ids]
     if args.method == "qft":
-        model = get_peft_model(model, QftConfig(task_type="CAUSAL_LM", outlier_refresh_steps=2))
+        model = get_peft_model(
+            model, QftConfig(task_type="CAUSAL_LM", outlier_refresh_steps=2, ddp_gradient_sync=args.ddp_gradient_sync)
+        )
         optim = {"optimizer_cls_and_kwargs": IntLion.trainer_factory(lr=1e-3)}
     else:
         model = get_peft_model(model, PeqaConfig(task_type="CAUSAL_LM", bits=4))

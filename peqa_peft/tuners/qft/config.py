@@ -32,6 +32,11 @@ class QftConfig(QuantTargetsConfig):
             ``IntLion``); ``0`` keeps the initial set.
         int8_gradients: hold each weight gradient as int8 with per-row scales (the paper's setting, needed for the
             ~21% model-state memory) instead of in the activation dtype.
+        ddp_gradient_sync: how weight gradients are averaged over DDP ranks: ``"fp32"`` (an fp32 all-reduce of each
+            gradient chunk before it is quantized: ranks then match one process up to float summation order) or
+            ``"int8"`` (each rank sends its chunk as int8 codes + row scales, an all-gather; a quarter of the bytes
+            at 2 ranks, half at 4, none saved from ~8 ranks on; the stored gradient's error grows from ~1.0% to
+            ~1.3%: ``benchmarks/qft_grad_allreduce.py``). Ranks stay bit-identical either way.
         init_method: how the int8 grid is chosen: ``"minmax"`` (full range of the non-outlier entries) or ``"mse"``
             (clipping search of :func:`peqa_peft.quant.compute_qparams`).
         target_modules: module names / regex / ``"all-linear"`` (the default when ``None``: every linear layer but
@@ -52,6 +57,9 @@ class QftConfig(QuantTargetsConfig):
         default=100, metadata={"help": "Re-select outliers every N optimizer steps (0: never)."}
     )
     int8_gradients: bool = field(default=True, metadata={"help": "Hold weight gradients as int8 (per-row scales)."})
+    ddp_gradient_sync: Literal["fp32", "int8"] = field(
+        default="fp32", metadata={"help": "Average weight gradients over DDP ranks in 'fp32' or send 'int8' codes."}
+    )
     init_method: Literal["minmax", "mse"] = field(
         default="minmax", metadata={"help": "'minmax' or 'mse' choice of the per-channel int8 grid."}
     )
@@ -74,6 +82,8 @@ class QftConfig(QuantTargetsConfig):
         steps = self.outlier_refresh_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"`outlier_refresh_steps` must be an int >= 0 (0: never), got {steps!r}")
+        if self.ddp_gradient_sync not in ("fp32", "int8"):
+            raise ValueError(f"`ddp_gradient_sync` must be 'fp32' or 'int8', got {self.ddp_gradient_sync!r}")
         if self.init_method not in ("minmax", "mse"):
             raise ValueError(f"`init_method` must be 'minmax' or 'mse', got {self.init_method!r}")
         self._check_targets()

@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import fsdp
 from .config import QftConfig
 from .embedding import qft_embedding
 from .tensor import WEIGHT_FIELDS, QftWeight, qft_linear
@@ -23,11 +24,15 @@ class QftWeightDict(nn.ParameterDict):
     A key ``...qft_weight.<adapter>`` becomes ``...qft_weight.<adapter>.codes``, ``.scale``, ``.zero_point``,
     ``.outlier_idx`` and ``.outlier_val``: tensors safetensors can store, and the names PEFT's adapter-name handling
     maps to ``...qft_weight.codes`` etc. in the checkpoint. Loading copies into the existing weights in place, so an
-    optimizer holding them (``resume_from_checkpoint``) keeps working.
+    optimizer holding them (``resume_from_checkpoint``) keeps working. Under FSDP2 (``DTensor`` params) saving
+    gathers the full integer weights and loading takes each rank's rows (see :mod:`.fsdp`).
     """
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         for name, weight in self._parameters.items():
+            if not isinstance(weight, QftWeight):  # sharded by FSDP2: gathered here, so every rank must call this
+                fsdp.expose_fields(weight)
+                weight = fsdp.gather_full(weight)
             for field, tensor in weight.state_tensors().items():
                 destination[f"{prefix}{name}.{field}"] = tensor if keep_vars else tensor.detach()
 
@@ -40,8 +45,12 @@ class QftWeightDict(nn.ParameterDict):
             if absent:
                 missing_keys.extend(absent)
                 continue
+            fields = {field: state_dict[key] for field, key in keys.items()}
             try:
-                weight.load_state_tensors_({field: state_dict[key] for field, key in keys.items()})
+                if isinstance(weight, QftWeight):
+                    weight.load_state_tensors_(fields)
+                else:  # sharded by FSDP2: load this rank's rows of the full weight
+                    fsdp.load_full_(weight, QftWeight(*fields.values(), weight.dtype))
             except ValueError as err:
                 error_msgs.append(f"{prefix}{name}: {err}")
 

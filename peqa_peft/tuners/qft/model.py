@@ -105,7 +105,8 @@ class QftModel(QuantTunerMixin, BaseTuner):
         Reached as an attribute of the ``PeftModel`` that Trainer / accelerate wrap, so the names are given relative
         to it, to this tuner and to the transformers model.
         """
-        return ddp_ignored_names(self.model, ("base_model.model.", "model.", ""))
+        sync = self.peft_config[self.active_adapters[0]].ddp_gradient_sync
+        return ddp_ignored_names(self.model, ("base_model.model.", "model.", ""), sync)
 
     def _check_target_module_exists(self, config: QftConfig, key: str):
         if key in self._extra_targets:

@@ -23,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch.utils._pytree import tree_map
 
 from ...optim.chunks import row_chunks
 from ...quant.quantizer import compute_qparams, quantize
+from . import fsdp
 from .distributed import sync_grad_chunk_
 
 aten = torch.ops.aten
@@ -113,7 +114,7 @@ class QftWeight(torch.Tensor):
     zero_point: torch.Tensor
     outlier_idx: torch.Tensor
     outlier_val: torch.Tensor
-    sync_grads: bool = False  # all-reduce gradient chunks in backward (set under DDP, see .distributed)
+    sync_grads: Union[bool, str] = False  # "fp32" / "int8": average gradient chunks over DDP ranks (.distributed)
 
     @staticmethod
     def __new__(cls, codes, scale, zero_point, outlier_idx, outlier_val, dtype, int8_grad=True, refresh_every=0):
@@ -180,14 +181,21 @@ class QftWeight(torch.Tensor):
         tensors = [fn(getattr(self, name)) for name in WEIGHT_FIELDS]
         return QftWeight(*tensors, dtype or self.dtype, self.int8_grad, self.refresh_every)
 
+    def _rebuild(self, codes, scale, zero_point, outlier_idx, outlier_val) -> QftWeight:
+        """A weight with these fields and this one's dtype and settings."""
+        return QftWeight(
+            codes, scale, zero_point, outlier_idx, outlier_val, self.dtype, self.int8_grad, self.refresh_every
+        )
+
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The float weight ``s * (q - z)`` with the outliers written in, in ``dtype`` (default: apparent dtype)."""
         return self.dequantize_rows(0, self.shape[0], dtype)
 
     def _outlier_range(self, r0: int, r1: int) -> tuple[int, int]:
         """``(lo, hi)``: ``outlier_idx[lo:hi]`` are the outliers of rows ``r0:r1`` (the index is sorted)."""
-        if not self.num_outliers:
+        if not self.outlier_idx.numel():
             return 0, 0
+        # An FSDP2 shard pads its outliers with indices past every row (fsdp.pad_index): they are never in range.
         bounds = torch.tensor([r0 * self.shape[1], r1 * self.shape[1]], dtype=self.outlier_idx.dtype)
         lo, hi = torch.searchsorted(self.outlier_idx, bounds.to(self.outlier_idx.device)).tolist()
         return lo, hi
@@ -218,8 +226,12 @@ class QftWeight(torch.Tensor):
                 )
             own.copy_(new)
         idx = self.outlier_idx
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.numel() or (idx[1:] <= idx[:-1]).any()):
+        used, padding = idx[: self.num_outliers], idx[self.num_outliers :]
+        bad_padding = (padding != fsdp.pad_index(idx.dtype)).any()  # only FSDP2 shards have padding slots
+        if used.numel() and (used.min() < 0 or used.max() >= self.numel() or (used[1:] <= used[:-1]).any()):
             raise ValueError("QFT weight field 'outlier_idx' must hold distinct sorted indices into the weight")
+        if bad_padding:
+            raise ValueError("QFT weight field 'outlier_idx' has an index past the weight that is not padding")
 
     def storage_bytes(self) -> int:
         """Bytes of all tensors that store this weight."""
@@ -227,7 +239,8 @@ class QftWeight(torch.Tensor):
 
     @property
     def num_outliers(self) -> int:
-        return self.outlier_idx.numel()
+        """How many entries are float outliers (an FSDP2 shard's padding slots not counted)."""
+        return self._outlier_range(0, self.shape[0])[1]
 
     @torch.no_grad()
     def lion_update_(
@@ -322,8 +335,8 @@ class QftWeight(torch.Tensor):
         score[(codes < 0) | (codes > _MAXQ)] = float("inf")  # must stay outliers (only outliers can be outside)
         idx = torch.topk(score.flatten(), k, sorted=False).indices.sort().values
         codes.clamp_(0, _MAXQ).view(-1)[idx] = self.zero_point.expand_as(codes).reshape(-1)[idx]
-        self.outlier_val.copy_(w.view(-1)[idx])
-        self.outlier_idx.copy_(idx)
+        self.outlier_val[:k].copy_(w.view(-1)[idx])
+        self.outlier_idx[:k].copy_(idx)
         self.codes.copy_(codes)
 
     @classmethod
@@ -342,19 +355,49 @@ class QftWeight(torch.Tensor):
         if func is aten.copy_.default and isinstance(args[1], QftWeight):
             src.load_state_tensors_(args[1].state_tensors())
             return src
-        if func in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
-            # What FSDP2's fully_shard does first; a QftWeight has no sharded form (yet): say so plainly.
+        if func is aten.view.dtype:  # DeepSpeed's parameter broadcast and ZeRO's flat buffers reinterpret the bytes
             raise NotImplementedError(
-                "a QftWeight cannot be split into shards: QFT does not support FSDP2 (fully_shard) yet; train it "
-                "with DDP (torchrun / accelerate launch), see the README's multi-process section"
+                "a QftWeight is stored as integer codes and cannot be viewed as a flat float buffer (DeepSpeed "
+                "broadcasts and ZeRO flattens parameters that way): train QFT with DDP or FSDP2 (fully_shard)"
             )
-        return _rewrap_fallback(cls, func, args, kwargs)
+        handled, out = _fsdp_op(src, func, args, kwargs)
+        return out if handled else _rewrap_fallback(cls, func, args, kwargs)
+
+    # FSDP2's all-gather extension (see .fsdp): shards travel as their integer fields.
+    def fsdp_pre_all_gather(self, mesh, outer_size=None, outer_stride=None, module=None, mp_policy=None):
+        return fsdp.pre_all_gather(self, mesh)
+
+    def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
+        return fsdp.post_all_gather(outputs, metadata, param_dtype, out)
 
     def __repr__(self) -> str:
         return (
             f"QftWeight(shape={tuple(self.shape)}, dtype={self.dtype}, int8 codes, {self.num_outliers} float "
             f"outliers, device={self.device}, requires_grad={self.requires_grad})"
         )
+
+
+def _fsdp_op(src: QftWeight, func: Any, args: tuple, kwargs: dict) -> tuple[bool, Any]:
+    """``(True, result)`` for the ops FSDP2's ``fully_shard`` applies to a parameter, else ``(False, None)``."""
+    if func is aten.split.Tensor:
+        return True, fsdp.split_rows(src, args[1], args[2] if len(args) > 2 else kwargs.get("dim", 0))
+    if func is aten.new_zeros.default:
+        return True, fsdp.new_zeros_shard(src, list(args[1]))
+    if func is aten.new_empty.default:  # FSDP2's filler for ranks left without rows
+        raise NotImplementedError(fsdp.uneven_message(src.shape[0]))
+    if func is aten.slice.Tensor:
+        where = {"dim": 0, "start": None, "end": None, "step": 1}
+        where.update(zip(where, args[1:]), **kwargs)
+        whole = (where["start"] or 0) == 0 and (where["end"] is None or where["end"] >= src.shape[0])
+        if where["dim"] == 0 and whole and where["step"] == 1:
+            return True, src._with(lambda t: t)  # FSDP2 narrows an evenly sharded weight to its full length
+        raise NotImplementedError("a QftWeight can only be sliced whole (dequantize() it to take rows)")
+    if func in (aten.view.default, aten._unsafe_view.default, aten.as_strided.default):
+        if list(args[1]) in ([-1], [src.numel()], list(src.shape)):
+            # FSDP2 keeps a flat view of each shard and re-strides gathered parameters; as in torchao's int8 training
+            # weight, the "view" shares the fields and keeps the 2-D shape (the row scales need it).
+            return True, src._with(lambda t: t)
+    return False, None
 
 
 class Int8Grad(torch.Tensor):
