@@ -67,12 +67,19 @@ def token_windows(tokenizer, path: Path, seq_len: int) -> torch.Tensor:
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def build(config: str, model_path: str, lr: float, seed: int, betas: tuple[float, float] = (0.9, 0.99)):
+def build(
+    config: str,
+    model_path: str,
+    lr: float,
+    seed: int,
+    betas: tuple[float, float] = (0.9, 0.99),
+    adamw_betas: tuple[float, float] = (0.9, 0.999),
+):
     """``(model, optimizer)`` for one configuration, from a fresh copy of the pretrained checkpoint."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     if config == "adamw":
-        return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        return model, torch.optim.AdamW(model.parameters(), lr=lr, betas=adamw_betas, weight_decay=0.0)
     if config == "lion":
         from lion_pytorch import Lion
 
@@ -113,7 +120,7 @@ def _linear_only_kwargs(linear_only: bool) -> dict:
 
 def train_and_eval(config: str, lr: float, args, train: torch.Tensor, test: torch.Tensor) -> dict:
     """Train one configuration for ``args.steps`` steps and return its test perplexity and timings."""
-    model, optimizer = build(config, args.model, lr, args.seed, tuple(args.betas))
+    model, optimizer = build(config, args.model, lr, args.seed, tuple(args.betas), tuple(args.adamw_betas))
     scheduler = get_scheduler(
         args.schedule, optimizer, num_warmup_steps=int(args.warmup * args.steps), num_training_steps=args.steps
     )
@@ -157,7 +164,8 @@ def report(rows: list[dict], untuned: float, args) -> str:
         f"`python benchmarks/qft_quality.py {' '.join(args.argv)}` on {platform.node() or 'this machine'} "
         f"({os.cpu_count()} CPUs, torch {torch.__version__}); WikiText-2 valid -> test, {args.steps} steps x "
         f"{args.batch_size} x {args.seq_len} tokens, {args.schedule} schedule, warm-up {args.warmup:.0%}, clip 1.0, "
-        f"wd 0, Lion betas {tuple(args.betas)}; untuned test ppl {untuned:.2f}.",
+        f"wd 0, Lion betas {tuple(args.betas)}, AdamW betas {tuple(args.adamw_betas)}; untuned test ppl "
+        f"{untuned:.2f}.",
         "",
         "| configuration | lr | test ppl | x best full FT | last-10 train loss | train s |",
         "|---|---:|---:|---:|---:|---:|",
@@ -199,6 +207,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--eval-tokens", type=int, help="evaluate on the first N test tokens only (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--betas", nargs=2, type=float, default=[0.9, 0.99], help="Lion / IntLion betas")
+    parser.add_argument("--adamw-betas", nargs=2, type=float, default=[0.9, 0.999], help="AdamW betas")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument(
         "--flush-denormal",
