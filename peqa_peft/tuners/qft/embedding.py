@@ -14,7 +14,7 @@ import torch
 
 from ...optim.chunks import row_chunks
 from .distributed import sync_grad_chunk_
-from .tensor import Int8Grad, QftWeight, _quantize_grad_rows
+from .tensor import GradientRows, QftWeight
 
 
 def dequantize_row_index(weight: QftWeight, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -44,23 +44,14 @@ def _weight_grad(
     ids, order = torch.sort(ids)
     go = go[order]
     rows, cols = weight.shape
-    int8 = weight.int8_grad
-    if int8:
-        codes = torch.empty(weight.shape, dtype=torch.int8, device=go.device)
-        scale = torch.empty(rows, 1, dtype=torch.float32, device=go.device)
-    else:
-        grad = torch.empty(weight.shape, dtype=weight.dtype, device=go.device)
+    grad = GradientRows(weight.shape, weight.int8_grad, go.device, weight.dtype)
     for r0, r1 in row_chunks(rows, cols):
         bounds = torch.tensor([r0, r1], device=ids.device)
         lo, hi = torch.searchsorted(ids, bounds).tolist()
         chunk = torch.zeros(r1 - r0, cols, dtype=torch.float32, device=go.device)
         chunk.index_add_(0, ids[lo:hi] - r0, go[lo:hi])
-        sync_grad_chunk_(chunk, weight)
-        if int8:
-            codes[r0:r1], scale[r0:r1] = _quantize_grad_rows(chunk)
-        else:
-            grad[r0:r1] = chunk
-    return Int8Grad(codes, scale, weight.dtype) if int8 else grad
+        grad.put_(r0, r1, sync_grad_chunk_(chunk, weight))
+    return grad.result()
 
 
 class _QftEmbeddingFn(torch.autograd.Function):

@@ -60,6 +60,32 @@ def _quantize_grad_rows(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
+class GradientRows:
+    """A weight gradient assembled one chunk of rows at a time: int8 codes + row scales (``Int8Grad``) or float.
+
+    Backward passes compute a weight's gradient chunk by chunk so that no weight-sized float tensor exists in the
+    int8 case: each chunk is quantized as soon as it is complete.
+    """
+
+    def __init__(self, shape: torch.Size, int8: bool, device: torch.device, dtype: torch.dtype) -> None:
+        self.int8, self.dtype = int8, dtype
+        if int8:
+            self.codes = torch.empty(shape, dtype=torch.int8, device=device)
+            self.scale = torch.empty(shape[0], 1, dtype=torch.float32, device=device)
+        else:
+            self.grad = torch.empty(shape, dtype=dtype, device=device)
+
+    def put_(self, r0: int, r1: int, chunk: torch.Tensor) -> None:
+        """Store rows ``r0:r1`` of the gradient (``chunk``, float)."""
+        if self.int8:
+            self.codes[r0:r1], self.scale[r0:r1] = _quantize_grad_rows(chunk)
+        else:
+            self.grad[r0:r1] = chunk
+
+    def result(self) -> torch.Tensor:
+        return Int8Grad(self.codes, self.scale, self.dtype) if self.int8 else self.grad
+
+
 def _index_dtype(numel: int) -> torch.dtype:
     # int32 indices halve the outlier index bytes; only layers with >= 2^31 entries need int64.
     return torch.int32 if numel < 2**31 else torch.int64
@@ -458,15 +484,14 @@ class Int8Grad(torch.Tensor):
         Autograd sums the gradients of a weight used twice in one graph (tied embeddings and output head) this way.
         """
         like = a if isinstance(a, Int8Grad) else b
-        codes = torch.empty(like.shape, dtype=torch.int8, device=like.device)
-        scale = torch.empty(like.shape[0], 1, dtype=torch.float32, device=like.device)
+        out = GradientRows(like.shape, True, like.device, like.dtype)
 
         def rows(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
             return t.dequantize_rows(r0, r1, torch.float32) if isinstance(t, Int8Grad) else t[r0:r1].float()
 
         for r0, r1 in row_chunks(like.shape[0], like.shape[1]):
-            codes[r0:r1], scale[r0:r1] = _quantize_grad_rows(rows(a, r0, r1).add_(rows(b, r0, r1), alpha=alpha))
-        return Int8Grad(codes, scale, like.dtype)
+            out.put_(r0, r1, rows(a, r0, r1).add_(rows(b, r0, r1), alpha=alpha))
+        return out.result()
 
     def _norm(self, ord: float) -> torch.Tensor:
         if ord == 2:
@@ -547,29 +572,16 @@ class _QftLinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(go.dtype)
         # grad_x sums one product per chunk: accumulate in float32 so low-precision runs round once, not per chunk.
         grad_x = torch.zeros(x2.shape, dtype=torch.float32, device=go.device) if need_x else None
-        int8 = need_w and weight.int8_grad
-        if int8:
-            codes = torch.empty(weight.shape, dtype=torch.int8, device=go.device)
-            scale = torch.empty(weight.shape[0], 1, dtype=torch.float32, device=go.device)
-        elif need_w:
-            grad_w = torch.empty(weight.shape, dtype=go.dtype, device=go.device)
+        grad_w = GradientRows(weight.shape, weight.int8_grad, go.device, weight.dtype) if need_w else None
         for r0, r1 in row_chunks(weight.shape[0], weight.shape[1]):
             go_rows = go[:, r0:r1]
             if need_x and go.dtype == torch.float32:
                 grad_x.addmm_(go_rows, weight.dequantize_rows(r0, r1, go.dtype))
             elif need_x:
                 grad_x.add_(go_rows @ weight.dequantize_rows(r0, r1, go.dtype))
-            if int8:
-                codes[r0:r1], scale[r0:r1] = _quantize_grad_rows(sync_grad_chunk_(go_rows.t() @ x2, weight))
-            elif need_w:
-                sync_grad_chunk_(torch.mm(go_rows.t(), x2, out=grad_w[r0:r1]), weight)
-        if int8:
-            grad_w = Int8Grad(codes, scale, weight.dtype)
-        elif need_w:
-            grad_w = grad_w.to(weight.dtype)
-        else:
-            grad_w = None
-        return (grad_x.to(x.dtype).view_as(x) if need_x else None), grad_w
+            if need_w:
+                grad_w.put_(r0, r1, sync_grad_chunk_(go_rows.t() @ x2, weight))
+        return (grad_x.to(x.dtype).view_as(x) if need_x else None), (grad_w.result() if need_w else None)
 
 
 def qft_linear(x: torch.Tensor, weight: QftWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -582,4 +594,4 @@ def qft_linear(x: torch.Tensor, weight: QftWeight, bias: Optional[torch.Tensor] 
     return out if bias is None else out + bias.to(out.dtype)
 
 
-__all__ = ["WEIGHT_FIELDS", "Int8Grad", "QftWeight", "allow_dense_fallback", "qft_linear"]
+__all__ = ["WEIGHT_FIELDS", "GradientRows", "Int8Grad", "QftWeight", "allow_dense_fallback", "qft_linear"]
