@@ -31,6 +31,9 @@ temporary stays in cache and none is weight-sized; results do not depend on the 
 
 The rounding noise of weight ``i`` at step ``t`` comes from a generator seeded by ``(seed, i, t)``, so it is
 reproducible and a resumed run draws the same numbers as an uninterrupted one without saving generator state.
+Under FSDP2 the params are ``DTensor`` shards: each rank updates its own piece (its rows of an integer weight, its
+part of a float param), keeps momentum for that piece only, and seeds its noise with the shard index as well.
+
 The momentum ``m`` is stored as int8 in blocks of ``block_size`` with one float32 absmax each
 (``quantize_momentum=True``) or in float32. The state is tensors and ints only, so ``torch.save`` /
 ``torch.load(weights_only=True)`` (Trainer's ``optimizer.pt``) round-trip it exactly.
