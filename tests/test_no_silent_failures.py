@@ -41,6 +41,15 @@ def assert_untouched(model, before):
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
+def assert_load_refused(path, message: str) -> None:
+    """Loading the adapter at ``path`` onto a fresh base model raises ``message`` and leaves the model untouched."""
+    base = tiny_llama()
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(base, path)
+    assert_untouched(base, before)
+
+
 FIRST = "base_model.model.model.layers.0.self_attn.q_proj.peqa_scale"
 
 
@@ -61,21 +70,13 @@ FIRST = "base_model.model.model.layers.0.self_attn.q_proj.peqa_scale"
 def test_from_pretrained_validates_before_touching_the_model(tmp_path, edit, message):
     saved_adapter(tmp_path)
     edit_weights(tmp_path, edit)
-    base = tiny_llama()
-    before = snapshot(base)
-    with pytest.raises(ValueError, match=message):
-        PeftModel.from_pretrained(base, tmp_path)
-    assert_untouched(base, before)
+    assert_load_refused(tmp_path, message)
 
 
 def test_corrupt_weights_file_leaves_the_model_untouched(tmp_path):
     saved_adapter(tmp_path)
     (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00garbage")
-    base = tiny_llama()
-    before = snapshot(base)
-    with pytest.raises(ValueError, match="cannot read the adapter weights"):
-        PeftModel.from_pretrained(base, tmp_path)
-    assert_untouched(base, before)
+    assert_load_refused(tmp_path, "cannot read the adapter weights")
 
 
 @pytest.mark.parametrize("peft_type", ["LORA", "QFT"])
@@ -85,11 +86,7 @@ def test_peqa_weights_under_another_peft_type_are_refused(tmp_path, peft_type):
     config = json.loads(config_file.read_text())
     config["peft_type"] = peft_type
     config_file.write_text(json.dumps(config))
-    base = tiny_llama()
-    before = snapshot(base)
-    with pytest.raises(ValueError, match=f"PEQA scale deltas but adapter_config.json says peft_type={peft_type}"):
-        PeftModel.from_pretrained(base, tmp_path)
-    assert_untouched(base, before)
+    assert_load_refused(tmp_path, f"PEQA scale deltas but adapter_config.json says peft_type={peft_type}")
 
 
 def test_unknown_peft_type_is_one_clear_error(tmp_path):
@@ -201,8 +198,4 @@ def test_qft_checkpoints_are_validated_before_the_model_changes(tmp_path, edit, 
 
     get_peft_model(tiny_llama(), QftConfig(task_type="CAUSAL_LM")).save_pretrained(tmp_path)
     edit_weights(tmp_path, edit)
-    base = tiny_llama()
-    before = snapshot(base)
-    with pytest.raises(ValueError, match=message):
-        PeftModel.from_pretrained(base, tmp_path)
-    assert_untouched(base, before)
+    assert_load_refused(tmp_path, message)
