@@ -68,13 +68,13 @@ import torch
 from torch import nn
 
 from ..quant.stochastic import counter_generator
+from .blockwise import dequantize_blocks, dequantize_blockwise, quantize_blocks, quantize_blockwise
+from .chunks import row_chunks
 
 try:  # FSDP2 hands the optimizer DTensor params; absent where torch has no distributed support
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # pragma: no cover
     _DTensor = None
-from .blockwise import dequantize_blocks, dequantize_blockwise, quantize_blocks, quantize_blockwise
-from .chunks import row_chunks
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 

@@ -7,9 +7,9 @@ subclass with FSDP2's all-gather extension (the design of torchao's int8 quantiz
 - **Sharding.** A shard holds its rows' uint8 codes, scales and zero-points, and the float outliers that fall in
   those rows with indices relative to the shard. All-gather inputs must have the same size on every rank, and the
   number of outliers differs from shard to shard, so every shard's outlier arrays are padded to the largest
-  shard's count with ``PAD_INDEX`` (larger than any index, so the sorted-index lookups of ``QftWeight`` skip the
-  padding) and zeros. The count of each shard never changes (``reselect_outliers_`` keeps it), so neither does the
-  padding.
+  shard's count with ``pad_index(dtype)`` (the largest value of the index dtype, beyond every real index, so the
+  sorted-index lookups of ``QftWeight`` skip the padding) and zeros. The count of each shard never changes
+  (``reselect_outliers_`` keeps it), so neither does the padding.
 - **All-gather.** ``fsdp_pre_all_gather`` hands FSDP2 the five integer/float fields; ``fsdp_post_all_gather``
   rebuilds the full ``QftWeight`` with codes/scales/zero-points viewing the gathered buffers and the outliers
   compacted back to global indices. Only integers and the small side tensors travel: about 1.1 bytes per entry.
@@ -47,7 +47,8 @@ def pad_index(dtype: torch.dtype) -> int:
 def _outlier_counts(weight: QftWeight, rows_per_shard: int) -> torch.Tensor:
     """How many of ``weight``'s outliers fall in each shard of ``rows_per_shard`` rows."""
     shards = -(-weight.shape[0] // rows_per_shard)
-    owner = torch.div(weight.outlier_idx.long(), rows_per_shard * weight.shape[1], rounding_mode="floor")
+    real = weight.outlier_idx[: weight.num_outliers].long()  # without a shard's padding slots
+    owner = torch.div(real, rows_per_shard * weight.shape[1], rounding_mode="floor")
     return torch.bincount(owner, minlength=shards)
 
 
@@ -59,6 +60,7 @@ def shard_capacity(weight: QftWeight, rows_per_shard: int) -> int:
 
 
 def uneven_message(rows: int) -> str:
+    """The error for a weight whose rows FSDP2 would split unevenly (or leave some rank without rows)."""
     return (
         f"QFT under FSDP2 needs every integer weight's rows to divide evenly into shards, one per rank: use a "
         f"number of ranks that divides {rows} (the rows of a {rows}-row weight)"
