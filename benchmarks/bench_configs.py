@@ -216,17 +216,16 @@ def build_qlora(ctx: Context, spec: Spec) -> Built:
 
 def build_qft(ctx: Context, spec: Spec) -> Built:
     from peqa_peft import IntLion, QftConfig
+    from peqa_peft.tuners.qft import QftWeight
 
     base = load_base(ctx)
-    # Every linear layer including the output head becomes an integer weight; embeddings and norms stay frozen
-    # (full_parameter=False: the setting of the recorded tables; QftConfig's default also tunes those).
-    config = QftConfig(
-        target_modules=linear_names(base, include_head=True), task_type="CAUSAL_LM", full_parameter=False
-    )
-    model, seconds, numel = _timed_wrap(base, config, include_head=True)
+    # QftConfig's default: every parameter trained, as in full fine-tuning (linears, embeddings and output head as
+    # integer weights, norms in float).
+    model, seconds, _ = _timed_wrap(base, QftConfig(task_type="CAUSAL_LM"), include_head=True)
+    numel = sum(p.numel() for p in model.parameters() if isinstance(p, QftWeight))
     fused = bool(spec.params.get("fused"))
-    optimizer = IntLion(_trainable(model), lr=ctx.lr["qft"], betas=(0.9, 0.99), fused=fused)
-    notes = ["int8 + 1% fp outliers, int8 grads; embeddings frozen fp32"]
+    optimizer = IntLion.from_model(model, lr=ctx.lr["qft"], betas=(0.9, 0.99), fused=fused)
+    notes = ["int8 + 1% fp outliers, int8 grads; every parameter trained (norms in float)"]
     return Built(model, optimizer, lambda m: m, notes=notes, quantize_s=seconds, quantized_weights=numel)
 
 

@@ -51,8 +51,8 @@ def build(setting: str):
     import peqa_peft  # noqa: F401  (registers QFT)
     from peqa_peft import IntLion, QftConfig
 
-    # Linear layers only (the setting of the recorded table; QftConfig's default also tunes embeddings, head, norms).
-    model = get_peft_model(model, QftConfig(task_type="CAUSAL_LM", full_parameter=False))
+    # QftConfig's default: every parameter trained, like the AdamW reference (embeddings and head integer too).
+    model = get_peft_model(model, QftConfig(task_type="CAUSAL_LM"))
     return model, IntLion.from_model(model, lr=1e-5, fused=setting == "qft-fused")
 
 

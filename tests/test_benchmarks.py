@@ -69,5 +69,6 @@ def test_qft_rows_count_integer_storage(tmp_path, bench_modules):
     )
     assert "skipped" not in result, result
     bpp = result["state_bytes_per_param"]
-    # int8 codes (+ fp outliers, frozen fp32 embeddings) are below fp32, and fused mode keeps no gradients.
-    assert bpp["weights"] < 4.0 and bpp["gradients"] == 0 and bpp["optimizer"] > 0
+    # Every parameter trained: int8 codes + fp outliers (norms in fp32) are far below fp32's 4 bytes, and fused mode
+    # keeps no gradients.
+    assert bpp["weights"] < 1.5 and bpp["gradients"] == 0 and bpp["optimizer"] > 0
