@@ -81,10 +81,10 @@ def safetensors_bytes(path: Path, prefixes: set[str]) -> int:
 
 
 def llama_cpp_decode(path: Path, prompt_ids: list[int], n: int, repeats: int = DECODE_REPEATS) -> dict:
-    import llama_cpp
+    from gguf_perplexity import open_llama
 
     start = time.perf_counter()
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)
+    llm = open_llama(path, n_ctx=256, n_threads=1, n_threads_batch=1)
     load_s = time.perf_counter() - start
     best = 0.0
     for _ in range(repeats):

@@ -11,10 +11,12 @@ rounding in its Q4_1 matmul).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -36,10 +38,33 @@ def torch_nll(model, windows: list[list[int]]) -> float:
     return total / count
 
 
-def llama_cpp_nll(path: Path, windows: list[list[int]], seq_len: int) -> float:
+def open_llama(path: Path, **kwargs):
+    """``llama_cpp.Llama(path, **kwargs)``, without llama.cpp's AMX weight repacking on CPUs that have AMX.
+
+    On AMX machines (Intel Sapphire Rapids and later) llama.cpp repacks Q4_0/Q4_1/Q8_0 weights into an AMX buffer
+    whose matmul segfaults or returns garbage on some models (ggml-org/llama.cpp#20824, #16315; it crashes on the
+    demo model's Q4_1 export with llama-cpp-python 0.3.36). ``use_extra_bufts=False`` (llama.cpp's ``--no-repack``)
+    keeps the weights in the plain CPU buffer; llama-cpp-python has no argument for it, so the default model
+    parameters are patched while the model loads. Elsewhere the defaults (and their repacking) are kept.
+    """
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=seq_len, n_batch=seq_len, logits_all=True, verbose=False)
+    patch = contextlib.nullcontext()
+    if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+        defaults = llama_cpp.llama_model_default_params
+
+        def no_repack():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        patch = mock.patch.object(llama_cpp.llama.llama_cpp, "llama_model_default_params", no_repack)
+    with patch:
+        return llama_cpp.Llama(str(path), verbose=False, **kwargs)
+
+
+def llama_cpp_nll(path: Path, windows: list[list[int]], seq_len: int) -> float:
+    llm = open_llama(path, n_ctx=seq_len, n_batch=seq_len, logits_all=True)
     try:
         return llama_cpp_window_nll(llm, windows)
     finally:

@@ -29,7 +29,7 @@ from peqa_peft.export import compressed_tensors as ct_writer
 from peqa_peft.export import gguf as gguf_writer
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from gguf_perplexity import llama_cpp_window_nll, torch_nll  # noqa: E402  (the benchmark's NLL, shared)
+from gguf_perplexity import llama_cpp_window_nll, open_llama, torch_nll  # noqa: E402  (the benchmark's NLL, shared)
 
 PROMPT = "It was a dark and stormy night, and"
 IDS = [[1, 907, 318, 262, 1327, 284, 345, 912, 92, 917, 15, 284]]
@@ -226,7 +226,7 @@ def _llama_cpp():
 def test_gguf_runs_in_llama_cpp_and_transformers_like_the_peqa_model(tmp_path, demo_tokenizer, data_dir):
     """The demo model, 4-bit per channel with a tuned Δs: llama.cpp's greedy 32 tokens equal ours and its
     WikiText-2 perplexity is within 1%; transformers' gguf_file= loader (fresh process) generates the same."""
-    llama_cpp = _llama_cpp()
+    _llama_cpp()  # skips when llama-cpp-python is missing
     from peqa_peft.evaluate import load_eval_text
 
     # the paper's MSE initialisation (the default): with min-max RTN this model has near-ties (top-2 logit margin
@@ -236,7 +236,7 @@ def test_gguf_runs_in_llama_cpp_and_transformers_like_the_peqa_model(tmp_path, d
     ids = demo_tokenizer(PROMPT).input_ids
     ours = greedy(model, [ids])
 
-    llm = llama_cpp.Llama(str(out / "model.gguf"), n_ctx=256, n_batch=256, logits_all=True, verbose=False)
+    llm = open_llama(out / "model.gguf", n_ctx=256, n_batch=256, logits_all=True)
     assert llm.tokenize(PROMPT.encode()) == ids  # tokenizer metadata: same ids, BOS added
     theirs = []
     for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
