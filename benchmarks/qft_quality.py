@@ -17,8 +17,10 @@ Configurations (each at every learning rate of ``--lrs``, or of its own default 
 - ``qft-linear-fgrad``: ``qft-linear`` with float instead of int8 weight gradients.
 
 All use gradient clipping at 1.0, weight decay 0 and the same schedule (``--schedule``, linear warm-up of
-``--warmup`` of the steps). The report gives each configuration's best learning rate and the ratio of QFT's
-perplexity to the best fp32 full fine-tuning (AdamW or Lion). Writes ``results.json`` and ``results.md``.
+``--warmup`` of the steps). AdamW takes ``--adamw-betas`` (default torch's (0.9, 0.999)), the Lion family ``--betas``
+(default the Lion paper's (0.9, 0.99)); ``--recommended`` runs each configuration once at its best learning rate and
+betas in the recorded sweep (``RECOMMENDED``). The report gives each configuration's best run and the ratio of
+QFT's perplexity to the best fp32 full fine-tuning (AdamW or Lion). Writes ``results.json`` and ``results.md``.
 """
 
 from __future__ import annotations
@@ -41,22 +43,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler  # n
 import peqa_peft  # noqa: E402,F401  (registers QFT with PEFT)
 from peqa_peft import IntLion, QftConfig  # noqa: E402
 from peqa_peft.evaluate import perplexity  # noqa: E402
+from peqa_peft.train import DEFAULT_LR, QFT_BETAS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "assets" / "data"
 # Default learning-rate sweeps: Adam-type steps scale with the gradient, Lion-type (sign) steps are absolute, so
 # Lion wants a ~3-10x smaller rate than AdamW.
 SWEEPS = {
-    "adamw": [3e-5, 1e-4, 3e-4],
-    "lion": [1e-5, 3e-5, 1e-4],
+    "adamw": [3e-4, 1e-3, 2e-3],
+    "lion": [1e-4, 2e-4, 3e-4],
     "intlion-float": [3e-5],
-    "qft": [1e-5, 3e-5, 1e-4],
+    "qft": [2e-4, 3e-4],
     "qft-linear": [3e-5],
     "lion-linear": [3e-5],
     "qft-linear-fgrad": [3e-5],
 }
-# Each configuration's best learning rate in the recorded sweep (benchmarks/results/qft-quality/results.md).
-RECOMMENDED = {"adamw": 1e-3, "lion": 3e-4, "qft": 3e-4}
+# Each configuration's best (learning rate, betas) in the recorded sweep (benchmarks/results/qft-quality/results.md);
+# QFT's is the CLI's recipe (peqa_peft.train), set from that sweep.
+RECOMMENDED = {"adamw": (7e-4, (0.6, 0.999)), "lion": (3e-4, (0.7, 0.8)), "qft": (DEFAULT_LR["qft"], QFT_BETAS)}
+DEFAULT_BETAS = {"adamw": (0.9, 0.999), "lion": (0.9, 0.99)}  # torch's AdamW, the Lion paper's
 FULL_FT = ("adamw", "lion")  # the fp32 full fine-tuning references
 
 
@@ -67,19 +72,12 @@ def token_windows(tokenizer, path: Path, seq_len: int) -> torch.Tensor:
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def build(
-    config: str,
-    model_path: str,
-    lr: float,
-    seed: int,
-    betas: tuple[float, float] = (0.9, 0.99),
-    adamw_betas: tuple[float, float] = (0.9, 0.999),
-):
+def build(config: str, model_path: str, lr: float, seed: int, betas: tuple[float, float]):
     """``(model, optimizer)`` for one configuration, from a fresh copy of the pretrained checkpoint."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     if config == "adamw":
-        return model, torch.optim.AdamW(model.parameters(), lr=lr, betas=adamw_betas, weight_decay=0.0)
+        return model, torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=0.0)
     if config == "lion":
         from lion_pytorch import Lion
 
@@ -118,9 +116,17 @@ def _linear_only_kwargs(linear_only: bool) -> dict:
     return {}
 
 
+def betas_of(config: str, args) -> tuple[float, float]:
+    """The betas a configuration trains with: AdamW's (``--adamw-betas``) or the Lion family's (``--betas``)."""
+    if args.recommended:
+        return RECOMMENDED[config][1]
+    return tuple(args.adamw_betas if config == "adamw" else args.betas)
+
+
 def train_and_eval(config: str, lr: float, args, train: torch.Tensor, test: torch.Tensor) -> dict:
     """Train one configuration for ``args.steps`` steps and return its test perplexity and timings."""
-    model, optimizer = build(config, args.model, lr, args.seed, tuple(args.betas), tuple(args.adamw_betas))
+    betas = betas_of(config, args)
+    model, optimizer = build(config, args.model, lr, args.seed, betas)
     scheduler = get_scheduler(
         args.schedule, optimizer, num_warmup_steps=int(args.warmup * args.steps), num_training_steps=args.steps
     )
@@ -146,10 +152,12 @@ def train_and_eval(config: str, lr: float, args, train: torch.Tensor, test: torc
     return {
         "config": config,
         "lr": lr,
+        "betas": list(betas),
         "ppl": ppl,
         "first_loss": losses[0],
         "last10_loss": sum(losses[-10:]) / len(losses[-10:]),
         "train_s": round(train_s, 1),
+        "command": "python benchmarks/qft_quality.py " + " ".join(args.argv),
     }
 
 
@@ -160,43 +168,77 @@ def report(rows: list[dict], untuned: float, args) -> str:
         if row["config"] not in best or row["ppl"] < best[row["config"]]["ppl"]:
             best[row["config"]] = row
     ref = min((best[c] for c in FULL_FT if c in best), key=lambda r: r["ppl"], default=None)
+    settings = settings_of(args)
     lines = [
-        f"`python benchmarks/qft_quality.py {' '.join(args.argv)}` on {platform.node() or 'this machine'} "
-        f"({os.cpu_count()} CPUs, torch {torch.__version__}); WikiText-2 valid -> test, {args.steps} steps x "
-        f"{args.batch_size} x {args.seq_len} tokens, {args.schedule} schedule, warm-up {args.warmup:.0%}, clip 1.0, "
-        f"wd 0, Lion betas {tuple(args.betas)}, AdamW betas {tuple(args.adamw_betas)}; untuned test ppl "
-        f"{untuned:.2f}.",
+        f"On {platform.node() or 'this machine'} ({os.cpu_count()} CPUs, torch {torch.__version__}); WikiText-2 "
+        f"valid -> test, {settings['steps']} steps x {settings['batch_size']} x {settings['seq_len']} tokens, "
+        f"{settings['schedule']} schedule, warm-up {settings['warmup']:.0%}, clip 1.0, wd 0, seed "
+        f"{settings['seed']}; untuned test ppl {untuned:.2f}. Each row: one run, made by the command under the table "
+        "with its number (train s: wall time on a shared machine, not a speed benchmark).",
         "",
-        "| configuration | lr | test ppl | x best full FT | last-10 train loss | train s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| configuration | lr | betas | test ppl | x best full FT | last-10 train loss | train s | command |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for row in sorted(rows, key=lambda r: (r["config"], r["lr"])):
+    commands = list(dict.fromkeys(row["command"] for row in rows))
+    for row in sorted(rows, key=lambda r: (r["config"], r["lr"], r.get("betas", []))):
         ratio = f"{row['ppl'] / ref['ppl']:.3f}" if ref else "-"
         mark = " **best**" if best[row["config"]] is row else ""
+        betas = ", ".join(f"{b:g}" for b in row.get("betas", []))
         lines.append(
-            f"| {row['config']}{mark} | {row['lr']:g} | {row['ppl']:.2f} | {ratio} | {row['last10_loss']:.4f} "
-            f"| {row['train_s']} |"
+            f"| {row['config']}{mark} | {row['lr']:g} | ({betas}) | {row['ppl']:.2f} | {ratio} | "
+            f"{row['last10_loss']:.4f} | {row['train_s']} | {commands.index(row['command']) + 1} |"
         )
     if ref and "qft" in best:
         gap = best["qft"]["ppl"] / ref["ppl"] - 1
         lines += [
             "",
-            f"Best fp32 full fine-tuning: {ref['config']} at lr {ref['lr']:g}, ppl {ref['ppl']:.2f}. "
-            f"Best QFT + IntLion: lr {best['qft']['lr']:g}, ppl {best['qft']['ppl']:.2f} ({gap:+.1%}; target "
+            f"Best fp32 full fine-tuning: {ref['config']} at lr {ref['lr']:g}, betas {tuple(ref['betas'])}, ppl "
+            f"{ref['ppl']:.2f}. Best QFT + IntLion: lr {best['qft']['lr']:g}, betas {tuple(best['qft']['betas'])}, "
+            f"ppl {best['qft']['ppl']:.2f} ({gap:+.1%}; target "
             f"within +3%: {'met' if gap <= 0.03 else 'MISSED'}).",
         ]
+    lines += ["", "Commands:", ""] + [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
+    if getattr(args, "merge", None):
+        lines += ["", f"Report: `python benchmarks/qft_quality.py {' '.join(args.argv)}`"]
     return "\n".join(lines) + "\n"
+
+
+# What must agree between runs for their perplexities to be compared (and merged into one report).
+SETTINGS = ("model", "steps", "batch_size", "seq_len", "schedule", "warmup", "eval_tokens", "seed")
+
+
+def settings_of(args) -> dict:
+    """The run settings of ``SETTINGS`` (``args.settings`` when merged from recorded runs)."""
+    return getattr(args, "settings", None) or {key: getattr(args, key) for key in SETTINGS}
+
+
+def merge(dirs: list[str]) -> tuple[list[dict], float, dict]:
+    """Rows, untuned perplexity and settings of recorded runs (``results.json`` in each of ``dirs``).
+
+    Raises ``ValueError`` when the runs' settings or untuned perplexities differ: their rows would not compare."""
+    records = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
+    for d, record in zip(dirs, records):
+        if "settings" not in record or record["settings"] != records[0]["settings"]:
+            raise ValueError(f"{d}: run settings {record.get('settings')} differ from {records[0]['settings']}")
+        if abs(record["untuned"] - records[0]["untuned"]) > 1e-6 * records[0]["untuned"]:
+            raise ValueError(f"{d}: untuned ppl {record['untuned']} differs from {records[0]['untuned']}")
+    return [row for record in records for row in record["rows"]], records[0]["untuned"], records[0]["settings"]
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO / "assets" / "demo-llama"))
     parser.add_argument(
+        "--merge", nargs="+", metavar="DIR", help="no training: one report of the runs recorded in these --output-dirs"
+    )
+    parser.add_argument(
         "--configs", nargs="+", choices=list(SWEEPS), help="default: all (with --recommended: those in RECOMMENDED)"
     )
     parser.add_argument("--lrs", nargs="+", type=float, help="learning rates for every config (default: SWEEPS)")
     parser.add_argument(
-        "--recommended", action="store_true", help="one run per config at its RECOMMENDED learning rate (no sweep)"
+        "--recommended",
+        action="store_true",
+        help="one run per config at its RECOMMENDED learning rate and betas (no sweep; --betas are ignored)",
     )
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -206,8 +248,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=0.1, help="warm-up steps as a fraction of --steps")
     parser.add_argument("--eval-tokens", type=int, help="evaluate on the first N test tokens only (default: all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--betas", nargs=2, type=float, default=[0.9, 0.99], help="Lion / IntLion betas")
-    parser.add_argument("--adamw-betas", nargs=2, type=float, default=[0.9, 0.999], help="AdamW betas")
+    parser.add_argument("--betas", nargs=2, type=float, default=list(DEFAULT_BETAS["lion"]), help="Lion/IntLion betas")
+    parser.add_argument("--adamw-betas", nargs=2, type=float, default=list(DEFAULT_BETAS["adamw"]), help="AdamW betas")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument(
         "--flush-denormal",
@@ -223,6 +265,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.configs = list(RECOMMENDED if args.recommended else SWEEPS)
     if args.recommended and (args.lrs or not set(args.configs) <= set(RECOMMENDED)):
         parser.error(f"--recommended takes no --lrs and only configs with a recommended rate: {sorted(RECOMMENDED)}")
+    if not all(0 <= b < 1 for b in [*args.betas, *args.adamw_betas]):
+        parser.error("betas must be in [0, 1)")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
@@ -243,21 +287,26 @@ def run(args: argparse.Namespace) -> tuple[list[dict], float, str]:
     print(f"untuned test ppl {untuned:.2f} ({test.numel()} tokens)", flush=True)
     rows = []
     for config in args.configs:
-        lrs = [RECOMMENDED[config]] if args.recommended else args.lrs or SWEEPS[config]
+        lrs = [RECOMMENDED[config][0]] if args.recommended else args.lrs or SWEEPS[config]
         for lr in lrs:
             rows.append(train_and_eval(config, lr, args, train, test))
             print(json.dumps(rows[-1]), flush=True)
     return rows, untuned, report(rows, untuned, args)
 
 
-def main() -> None:
-    args = parse_args()
-    rows, untuned, text = run(args)
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.merge:
+        rows, untuned, args.settings = merge(args.merge)
+        text = report(rows, untuned, args)
+    else:
+        rows, untuned, text = run(args)
     print(text)
     if args.output_dir:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"untuned": untuned, "rows": rows}, indent=1) + "\n")
+        record = {"untuned": untuned, "settings": settings_of(args), "rows": rows}
+        (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
         (out / "results.md").write_text(text)
 
 

@@ -25,6 +25,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 import peqa_peft  # noqa: E402,F401  (registers QFT with PEFT)
 from peqa_peft import IntLion, QftConfig  # noqa: E402
 from peqa_peft.data import load_instruction_dataset  # noqa: E402
+from peqa_peft.train import DEFAULT_LR, QFT_BETAS, QFT_WARMUP  # noqa: E402  (the recommended QFT recipe)
 from peqa_peft.utils import model_state_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR["qft"])
     parser.add_argument("--outlier-fraction", type=float, default=0.01)
     parser.add_argument("--float-gradients", action="store_true", help="hold weight gradients in fp32, not int8")
     parser.add_argument("--output-dir", default="/tmp/qft-sft")
@@ -70,7 +71,8 @@ def main() -> None:
         per_device_eval_batch_size=args.batch_size,
         max_length=args.seq_len,
         max_grad_norm=1.0,
-        lr_scheduler_type="constant",
+        lr_scheduler_type="linear",
+        warmup_steps=QFT_WARMUP,
         logging_steps=5,
         save_strategy="no",
         report_to=[],
@@ -86,7 +88,7 @@ def main() -> None:
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         processing_class=AutoTokenizer.from_pretrained(args.model),
-        optimizer_cls_and_kwargs=IntLion.trainer_factory(lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0),
+        optimizer_cls_and_kwargs=IntLion.trainer_factory(lr=args.lr, betas=QFT_BETAS, weight_decay=0.0),
     )
     before = trainer.evaluate()["eval_loss"]
     trainer.train()

@@ -72,3 +72,24 @@ def test_qft_rows_count_integer_storage(tmp_path, bench_modules):
     # Every parameter trained: int8 codes + fp outliers (norms in fp32) are far below fp32's 4 bytes, and fused mode
     # keeps no gradients.
     assert bpp["weights"] < 1.5 and bpp["gradients"] == 0 and bpp["optimizer"] > 0
+
+
+def test_qft_quality_runs_merge_into_one_report_and_refuse_other_settings(tmp_path, bench_modules):
+    import qft_quality
+
+    def record(name, *argv):
+        qft_quality.main(["--steps", "2", "--eval-tokens", "512", "--output-dir", str(tmp_path / name), *argv])
+        return str(tmp_path / name)
+
+    adamw = record("adamw", "--configs", "adamw", "--lrs", "1e-3", "--adamw-betas", "0.7", "0.999")
+    qft = record("qft", "--configs", "qft", "--lrs", "3e-4", "--betas", "0.7", "0.9")
+    qft_quality.main(["--merge", adamw, qft, "--output-dir", str(tmp_path / "merged")])
+    text = (tmp_path / "merged" / "results.md").read_text()
+    assert "| adamw **best** | 0.001 | (0.7, 0.999) |" in text and "| qft **best** | 0.0003 | (0.7, 0.9) |" in text
+    assert "--adamw-betas 0.7 0.999" in text and "Best QFT + IntLion: lr 0.0003, betas (0.7, 0.9)" in text
+    assert "Report: `python benchmarks/qft_quality.py --merge" in text
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert [r["config"] for r in merged["rows"]] == ["adamw", "qft"]
+    other = record("other", "--configs", "adamw", "--lrs", "1e-3", "--seed", "1")
+    with pytest.raises(ValueError, match="settings"):
+        qft_quality.merge([adamw, other])
