@@ -43,7 +43,7 @@ def open_llama(path: Path, **kwargs):
 
     On AMX machines (Intel Sapphire Rapids and later) llama.cpp repacks Q4_0/Q4_1/Q8_0 weights into an AMX buffer
     whose matmul segfaults or returns garbage on some models (ggml-org/llama.cpp#20824, #16315; it crashes on the
-    demo model's Q4_1 export with llama-cpp-python 0.3.36). ``use_extra_bufts=False`` (llama.cpp's ``--no-repack``)
+    demo model's Q4_1 export with llama-cpp-python 0.3.36). The model parameter ``use_extra_bufts=False``
     keeps the weights in the plain CPU buffer; llama-cpp-python has no argument for it, so the default model
     parameters are patched while the model loads. Elsewhere the defaults (and their repacking) are kept.
     """
