@@ -212,6 +212,11 @@ def settings_of(args) -> dict:
     return getattr(args, "settings", None) or {key: getattr(args, key) for key in SETTINGS}
 
 
+def record_of(rows: list[dict], untuned: float, args) -> dict:
+    """What ``results.json`` holds: the rows, the untuned perplexity and the run settings (what ``merge`` reads)."""
+    return {"untuned": untuned, "settings": settings_of(args), "rows": rows}
+
+
 def merge(dirs: list[str]) -> tuple[list[dict], float, dict]:
     """Rows, untuned perplexity and settings of recorded runs (``results.json`` in each of ``dirs``).
 
@@ -238,7 +243,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--recommended",
         action="store_true",
-        help="one run per config at its RECOMMENDED learning rate and betas (no sweep; --betas are ignored)",
+        help="one run per config at its RECOMMENDED learning rate and betas (no sweep)",
     )
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -248,8 +253,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=0.1, help="warm-up steps as a fraction of --steps")
     parser.add_argument("--eval-tokens", type=int, help="evaluate on the first N test tokens only (default: all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--betas", nargs=2, type=float, default=list(DEFAULT_BETAS["lion"]), help="Lion/IntLion betas")
-    parser.add_argument("--adamw-betas", nargs=2, type=float, default=list(DEFAULT_BETAS["adamw"]), help="AdamW betas")
+    parser.add_argument("--betas", nargs=2, type=float, help=f"Lion/IntLion betas (default {DEFAULT_BETAS['lion']})")
+    parser.add_argument("--adamw-betas", nargs=2, type=float, help=f"AdamW betas (default {DEFAULT_BETAS['adamw']})")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument(
         "--flush-denormal",
@@ -263,8 +268,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error("--steps and --batch-size must be positive and --warmup in [0, 1)")
     if args.configs is None:
         args.configs = list(RECOMMENDED if args.recommended else SWEEPS)
-    if args.recommended and (args.lrs or not set(args.configs) <= set(RECOMMENDED)):
-        parser.error(f"--recommended takes no --lrs and only configs with a recommended rate: {sorted(RECOMMENDED)}")
+    if args.recommended and (args.lrs or args.betas or args.adamw_betas or not set(args.configs) <= set(RECOMMENDED)):
+        parser.error(
+            f"--recommended takes no --lrs/--betas/--adamw-betas and only configs with a recommended rate: "
+            f"{sorted(RECOMMENDED)}"
+        )
+    args.betas = args.betas or list(DEFAULT_BETAS["lion"])
+    args.adamw_betas = args.adamw_betas or list(DEFAULT_BETAS["adamw"])
     if not all(0 <= b < 1 for b in [*args.betas, *args.adamw_betas]):
         parser.error("betas must be in [0, 1)")
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -305,8 +315,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.output_dir:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"untuned": untuned, "settings": settings_of(args), "rows": rows}
-        (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+        (out / "results.json").write_text(json.dumps(record_of(rows, untuned, args), indent=1) + "\n")
         (out / "results.md").write_text(text)
 
 

@@ -366,13 +366,14 @@ def _append_adaptation(args: argparse.Namespace, out_dir: Path) -> None:
     import qft_quality
 
     # Quality only (no timing here), so torch's default thread count rather than the timing runs' one thread.
-    argv = ["--recommended", "--model", args.model, "--seed", str(args.seed)]
-    rows, untuned, text = qft_quality.run(qft_quality.parse_args(argv))
+    quality_args = qft_quality.parse_args(["--recommended", "--model", args.model, "--seed", str(args.seed)])
+    rows, untuned, text = qft_quality.run(quality_args)
     title = "## QFT quality: WikiText-2 adaptation (each method at its recommended learning rate and betas)"
     section = [title, "", text]
     with open(out_dir / "results.md", "a") as f:
         f.write("\n".join(section))
-    (out_dir / "adaptation.json").write_text(json.dumps({"untuned": untuned, "rows": rows}, indent=1) + "\n")
+    record = qft_quality.record_of(rows, untuned, quality_args)
+    (out_dir / "adaptation.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"appended the WikiText-2 adaptation rows to {out_dir}/results.md")
 
 

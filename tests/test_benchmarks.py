@@ -93,3 +93,5 @@ def test_qft_quality_runs_merge_into_one_report_and_refuse_other_settings(tmp_pa
     other = record("other", "--configs", "adamw", "--lrs", "1e-3", "--seed", "1")
     with pytest.raises(ValueError, match="settings"):
         qft_quality.merge([adamw, other])
+    with pytest.raises(SystemExit):  # --recommended fixes the betas: passing others is refused, not ignored
+        qft_quality.parse_args(["--recommended", "--betas", "0.9", "0.99"])
