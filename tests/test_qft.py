@@ -12,7 +12,7 @@ from torch import nn
 
 import peqa_peft
 from peqa_peft import IntLion, QftConfig
-from peqa_peft.quant import compute_qparams, dequantize, quantize
+from peqa_peft.core import compute_qparams, dequantize, quantize
 from peqa_peft.tuners.qft import Int8Grad, QftLayer, QftWeight, qft_linear
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

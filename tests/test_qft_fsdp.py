@@ -6,8 +6,9 @@ The 2-rank runs are in tests/test_distributed.py; these check each piece against
 import pytest
 import torch
 
-from peqa_peft.tuners.qft import QftWeight, fsdp
-from peqa_peft.tuners.qft.fsdp import new_zeros_shard, pad_index, post_all_gather, pre_all_gather
+from peqa_peft.integrations.distributed import fsdp
+from peqa_peft.integrations.distributed.fsdp import new_zeros_shard, pad_index, post_all_gather, pre_all_gather
+from peqa_peft.tuners.qft import QftWeight
 
 
 class _Mesh:

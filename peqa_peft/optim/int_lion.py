@@ -2,7 +2,7 @@
 
 Design: the optimizer's params *are* the quantized weights
 -----------------------------------------------------------
-A QFT weight is a :class:`~peqa_peft.tuners.qft.tensor.QftWeight`, a wrapper tensor subclass (as in torchao's int8
+A QFT weight is a :class:`~peqa_peft.core.qft.tensor.QftWeight`, a wrapper tensor subclass (as in torchao's int8
 quantized training) that looks like a float ``(out, in)`` tensor but stores only uint8 codes, per-channel scales
 and a few float outliers. It is a real ``nn.Parameter``, so the things Trainer does with parameters work unchanged:
 ``model.parameters()`` hands it to this optimizer, ``print_trainable_parameters`` counts ``out * in``, autograd
@@ -26,7 +26,7 @@ For every param with a gradient ``g`` (float32 math, :func:`lion_direction_`)::
   the weight type. A gradient with ``dequantize_rows``/``is_finite`` (QFT's ``Int8Grad``) is read row range by row
   range.
 
-Weight-sized work runs over row chunks of about ``peqa_peft.optim.chunks.CHUNK_ELEMENTS`` entries, so every
+Weight-sized work runs over row chunks of about ``peqa_peft.core.chunks.CHUNK_ELEMENTS`` entries, so every
 temporary stays in cache and none is weight-sized; results do not depend on the chunk size.
 
 The rounding noise of weight ``i`` at step ``t`` comes from a generator seeded by ``(seed, i, t)``, so it is
@@ -67,9 +67,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..quant.stochastic import counter_generator
+from ..core.chunks import row_chunks
+from ..core.stochastic import counter_generator
 from .blockwise import dequantize_blocks, dequantize_blockwise, quantize_blocks, quantize_blockwise
-from .chunks import row_chunks
 
 try:  # FSDP2 hands the optimizer DTensor params; absent where torch has no distributed support
     from torch.distributed.tensor import DTensor as _DTensor

@@ -9,14 +9,14 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ...quant import QuantLinear
+from ...core import QuantLinear
 from .config import PeqaConfig
 
 
 class PeqaLayer(BaseTunerLayer):
     """Mixin holding the per-adapter scale deltas ``peqa_scale[name]`` (and optional ``peqa_zero_point[name]``).
 
-    The base layer is a :class:`~peqa_peft.quant.QuantLinear` shared by all adapters: the integer codes, ``s0`` and
+    The base layer is a :class:`~peqa_peft.core.QuantLinear` shared by all adapters: the integer codes, ``s0`` and
     ``z0`` are frozen buffers there; the adapters only hold deltas of shape ``(out_features, n_groups)``.
     """
 

@@ -2,7 +2,7 @@
 
 A transformers ``HfQuantizer`` (registered as quant method ``"peqa"`` when ``peqa_peft`` is imported), built like
 bitsandbytes' 4-bit one: before the checkpoint is read, every targeted ``nn.Linear`` / ``Conv1D`` of the (meta-device)
-model skeleton becomes a :class:`~peqa_peft.quant.QuantLinear` that temporarily keeps a meta ``weight`` placeholder, so
+model skeleton becomes a :class:`~peqa_peft.core.QuantLinear` that temporarily keeps a meta ``weight`` placeholder, so
 the loader collects the checkpoint's float weight for it. Each such weight then goes through
 :class:`PeqaQuantize`, which turns it into packed codes, ``s0`` and ``z0`` and drops the placeholder: one layer's float
 weight exists at a time, never the full-precision model.
@@ -29,9 +29,9 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .linear import QuantLinear, _linear_weight
-from .packing import pack_bits
-from .quantizer import compute_qparams, quantize, validate_group_size, validate_quant_settings
+from ...core.linear import QuantLinear, _linear_weight
+from ...core.packing import pack_bits
+from ...core.quantizer import compute_qparams, quantize, validate_group_size, validate_quant_settings
 
 QUANT_METHOD = "peqa"
 _PLACEHOLDER = "weight"

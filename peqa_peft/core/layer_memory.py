@@ -27,7 +27,7 @@ def quantized_layer_bytes(model: nn.Module) -> dict[str, dict[str, int]]:
     Keys of the inner dicts: ``codes``, ``qparams``, ``bias``, ``adapter`` (PEQA deltas on the wrapping layer, 0 for
     a bare ``QuantLinear``), ``total`` (all resident tensors of the layer) and ``numel`` (``out * in``).
     """
-    from .quant import QuantLinear
+    from . import QuantLinear
 
     report = {}
     wrappers = {id(m.get_base_layer()): m for m in model.modules() if hasattr(m, "peqa_scale")}

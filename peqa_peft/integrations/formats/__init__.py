@@ -28,11 +28,11 @@ __all__ = ["FORMATS", "ExportModel", "collect", "export", "export_adapter"]
 
 def _writer(fmt: str):
     if fmt == "compressed-tensors":
-        from . import compressed_tensors as writer
+        from .compressed_tensors import writer
     elif fmt == "gguf":
-        from . import gguf as writer
+        from .gguf import writer
     elif fmt == "gptq":
-        from . import gptq as writer
+        from .gptq import writer
     else:
         raise ValueError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     return writer

@@ -17,7 +17,7 @@ Three modes, chosen by ``PEQA_KERNELS`` (env var, read at import) or :func:`set_
   weights (smaller ones run uncompiled); if compiling fails once (no C++ compiler, an unsupported device) a warning
   is printed and the mode drops to ``"eager"`` for the rest of the process.
 - ``"eager"``: the same kernels, uncompiled (several elementwise passes, same results).
-- ``"reference"``: no kernels at all; :func:`peqa_peft.quant.packed_linear` dequantizes the weight in plain PyTorch
+- ``"reference"``: no kernels at all; :func:`peqa_peft.core.packed_linear` dequantizes the weight in plain PyTorch
   and lets autograd differentiate ``F.linear``: the slow, obviously-correct path every fast path is tested against.
 """
 

@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-BUNDLED_DATA = Path(__file__).resolve().parents[1] / "assets" / "data"
+BUNDLED_DATA = Path(__file__).resolve().parents[2] / "assets" / "data"
 
 # name -> (Hub dataset args, text column, bundled file)
 EVAL_SETS = {

@@ -61,7 +61,8 @@ def add_method_section(output_dir: str, configs: list, model=None) -> None:
 
 
 def add_training_section(output_dir: str, summary: dict) -> None:
-    """Record how an adapter was trained and evaluated (from ``peqa_peft.train``'s run summary) in its card."""
+    """Record how an adapter was trained and evaluated (from the run summary of
+    ``peqa_peft.workflows.train``) in its card."""
     cfg = summary.get("config", {})
     lines = [
         f"- base model: {summary['model']}",
@@ -130,7 +131,8 @@ def push_adapter_to_hub(
 ):
     """Save the adapter(s) of ``model`` into a temporary folder and upload exactly those files with their card.
 
-    This is what ``PeftModel.push_to_hub`` does for peqa_peft methods (see :mod:`peqa_peft.peft_integration`).
+    This is what ``PeftModel.push_to_hub`` does for peqa_peft methods (see
+    :mod:`peqa_peft.integrations.peft.registration`).
     """
     save_kwargs.pop("max_shard_size", None)
     save_kwargs.pop("tags", None)

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from ._common import ExportModel, QuantWeight
+from .._common import ExportModel, QuantWeight
 
 FORMAT = "compressed-tensors"
 

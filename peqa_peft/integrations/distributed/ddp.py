@@ -62,7 +62,7 @@ def _average_fp32_(chunk: torch.Tensor) -> None:
 
 
 def _average_int8_(chunk: torch.Tensor) -> None:
-    from .tensor import _quantize_grad_rows
+    from ...core.qft.tensor import _quantize_grad_rows
 
     world = dist.get_world_size()
     codes, scale = _quantize_grad_rows(chunk)
@@ -93,7 +93,7 @@ def ddp_ignored_names(model: torch.nn.Module, prefixes: tuple[str, ...], mode: s
 
     Also marks them for gradient averaging in ``mode`` (see :func:`enable_grad_sync`).
     """
-    from .tensor import QftWeight
+    from ...core.qft.tensor import QftWeight
 
     weights = [(name, p) for name, p in model.named_parameters() if isinstance(p, QftWeight)]
     enable_grad_sync([p for _, p in weights], mode)

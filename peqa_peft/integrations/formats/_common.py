@@ -2,7 +2,7 @@
 tokenizer, and writing an output directory atomically.
 
 A PEQA model (a ``PeftModel`` with PEQA adapters, or the ``merge_and_unload()`` result whose targeted layers are
-:class:`~peqa_peft.quant.QuantLinear`) is a standard asymmetric integer weight-only model once the scale deltas are
+:class:`~peqa_peft.core.QuantLinear`) is a standard asymmetric integer weight-only model once the scale deltas are
 added to ``s0``: every quantized layer is ``W = s * (q - z)`` with integer codes ``q`` and one scale ``s`` and
 zero-point ``z`` per output channel or per group of ``group_size`` inputs. :func:`collect` reads exactly that, without
 modifying the model and without materialising any float weight, so every writer stores the codes as they are.
@@ -25,8 +25,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from ..quant import QuantLinear, unpack_bits
-from ..tuners.peqa.layer import PeqaLayer
+from ...core import QuantLinear, unpack_bits
+from ...tuners.peqa.layer import PeqaLayer
 
 
 @dataclass

@@ -72,7 +72,7 @@ def _patch(cls: type, attr: str, make_wrapper: Callable[[Callable], Callable]) -
 
 def _count_packed_weights(original):
     def get_nb_trainable_parameters(self):
-        from .quant import QuantLinear
+        from ...core import QuantLinear
 
         trainable, total = original(self)
         total += sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, QuantLinear))
@@ -91,7 +91,7 @@ def _card_with_method_section(original):
         original(self, output_dir)
         configs = _our_configs(self)
         if configs:
-            from .hub import add_method_section
+            from ..hub import add_method_section
 
             add_method_section(output_dir, configs, self)
 
@@ -102,7 +102,7 @@ def _push_with_our_card(original):
     def push_to_hub(self, repo_id: str, *args, **kwargs):
         if not _our_configs(self):
             return original(self, repo_id, *args, **kwargs)
-        from .hub import push_adapter_to_hub
+        from ..hub import push_adapter_to_hub
 
         return push_adapter_to_hub(self, repo_id, *args, **kwargs)
 
@@ -147,13 +147,13 @@ def check_saved_adapter(model, model_id: str, config=None, existing=None, **kwar
     from peft.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors import safe_open
 
-    from .tuners.peqa import PeqaConfig
-    from .tuners.peqa.validation import check_adapter_weights, check_peft_type, verify_fingerprint
+    from ...tuners.peqa import PeqaConfig
+    from ...tuners.peqa.validation import check_adapter_weights, check_peft_type, verify_fingerprint
 
     hub_kwargs = _hub_kwargs(kwargs)
     peft_type = config.peft_type if config is not None else _saved_peft_type(model_id, hub_kwargs)
     if getattr(peft_type, "value", peft_type) == "QFT":
-        from .tuners.qft.validation import check_qft_weights
+        from ...tuners.qft.validation import check_qft_weights
 
         weights = _read_weights(model_id, hub_kwargs)
         check_peft_type(weights, peft_type, model_id)
@@ -171,7 +171,7 @@ def check_saved_adapter(model, model_id: str, config=None, existing=None, **kwar
         config = PeqaConfig.from_pretrained(model_id, **hub_kwargs)
     check_adapter_weights(weights, config, model, model_id)
     if existing is not None and not getattr(existing, _FINGERPRINT_OVERRIDE, False):
-        from .tuners.peqa import PeqaLayer
+        from ...tuners.peqa import PeqaLayer
 
         layers = {k: m for k, m in model.named_modules() if isinstance(m, PeqaLayer)}
         verify_fingerprint(layers, config)

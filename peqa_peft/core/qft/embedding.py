@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from ...optim.chunks import row_chunks
-from .distributed import sync_grad_chunk_
+from ...integrations.distributed.ddp import sync_grad_chunk_
+from ..chunks import row_chunks
 from .tensor import GradientRows, QftWeight
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ._common import ExportModel, QuantWeight
+from .._common import ExportModel, QuantWeight
 
 FORMAT = "GPTQ"
 BITS = (2, 3, 4, 8)
@@ -112,7 +112,7 @@ def _pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def quantize_config(model: ExportModel, checkpoint_format: str = "gptq_v2") -> dict:
     """``quantize_config.json`` / ``config.json["quantization_config"]`` as GPTQModel writes them."""
-    from .. import __version__
+    from .... import __version__
 
     skipped = [name for name in model.float_linears if name != "lm_head"]
     config = {

@@ -18,8 +18,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..core.layer_memory import module_resident_bytes
 from .data import load_instruction_dataset, looks_like_local_path
-from .utils import module_resident_bytes
 
 METHODS = ("peqa", "qft", "lora", "qlora")
 # Defaults per method: PEQA scales and LoRA factors take AdamW at a LoRA-like rate. QFT's recipe (IntLion moves every
@@ -179,13 +179,13 @@ def peft_config_for(cfg: TrainConfig):
     """The PEFT config of the chosen method."""
     from peft import LoraConfig
 
-    from .tuners import PeqaConfig
+    from ..tuners import PeqaConfig
 
     common = dict(target_modules=cfg.target_modules, task_type="CAUSAL_LM")
     if cfg.method == "peqa":
         return PeqaConfig(bits=cfg.bits, group_size=cfg.group_size, **common)
     if cfg.method == "qft":
-        from .tuners import QftConfig
+        from ..tuners import QftConfig
 
         # Every parameter trains (QftConfig's full_parameter default) unless --qft-linear-only. TRL's SFTTrainer
         # computes the loss from lm_head.weight directly (a fused LM head) and refuses a PEFT layer there, so the
@@ -197,7 +197,7 @@ def peft_config_for(cfg: TrainConfig):
 def optimizer_for(cfg: TrainConfig) -> dict[str, Any]:
     """Trainer arguments selecting the optimizer: IntLion for QFT, AdamW (8-bit paged on CUDA for QLoRA) else."""
     if cfg.method == "qft":
-        from .optim import IntLion
+        from ..optim import IntLion
 
         return {"optimizer_cls_and_kwargs": IntLion.trainer_factory(lr=cfg.learning_rate, betas=QFT_BETAS)}
     if cfg.method == "qlora" and torch.cuda.is_available():
@@ -280,7 +280,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         summary["eval"] = evaluate_datasets(model, tokenizer, cfg)
     _write_outputs(cfg, model, summary)
     if cfg.push_to_hub:
-        from .hub import push_folder_to_hub
+        from ..integrations.hub import push_folder_to_hub
 
         summary["hub_commit"] = str(push_folder_to_hub(cfg.output_dir, cfg.push_to_hub))
     return summary
@@ -323,7 +323,7 @@ def _write_outputs(cfg: TrainConfig, model, summary: dict) -> None:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "train_summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
-    from .hub import add_training_section
+    from ..integrations.hub import add_training_section
 
     add_training_section(cfg.output_dir, summary)
 

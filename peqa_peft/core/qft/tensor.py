@@ -6,7 +6,7 @@ count ``out * in`` parameters, carry a ``.grad``, be handed to an optimizer and 
 only storage is integer codes plus small float side tensors:
 
 - ``QftWeight``: the paper's hybrid feature quantizer. ``W = s * (q - z)`` with ``uint8`` codes ``q`` and one scale
-  ``s`` / zero-point ``z`` per output channel (``peqa_peft.quant.compute_qparams(bits=8)``), plus a sparse set of the
+  ``s`` / zero-point ``z`` per output channel (``peqa_peft.core.compute_qparams(bits=8)``), plus a sparse set of the
   largest-magnitude entries kept exactly in float32 (``outlier_idx`` / ``outlier_val``; the dense code there holds
   ``z``, i.e. zero). The optimizer changes the codes in whole quantization steps and the outliers in float.
 - ``Int8Grad``: a weight gradient held as ``int8`` codes with one float32 scale per output row. It implements the few
@@ -28,10 +28,10 @@ from typing import Any, Optional, Union
 import torch
 from torch.utils._pytree import tree_map
 
-from ...optim.chunks import row_chunks
-from ...quant.quantizer import compute_qparams, quantize
-from . import fsdp
-from .distributed import sync_grad_chunk_
+from ...integrations.distributed import fsdp
+from ...integrations.distributed.ddp import sync_grad_chunk_
+from ..chunks import row_chunks
+from ..quantizer import compute_qparams, quantize
 
 aten = torch.ops.aten
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 if TYPE_CHECKING:
-    from .tensor import QftWeight
+    from ...core.qft.tensor import QftWeight
 
 
 _WARNED = {"int8_grad": False}
@@ -122,7 +122,7 @@ def post_all_gather(
     Returns ``(weight, inner tensors FSDP2 may free)``; with ``out`` (FSDP2's later all-gathers) the gathered
     values are written into ``out`` instead, whose codes/scales/zero-points already view the gathered buffers.
     """
-    from .tensor import QftWeight
+    from ...core.qft.tensor import QftWeight
 
     codes, scale, zero, idx, val = outputs
     world, refresh_every, int8_grad = metadata

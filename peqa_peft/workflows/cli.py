@@ -37,7 +37,7 @@ def _positive_float(value: str) -> float:
 
 
 def _bits(value: str) -> int:
-    from .quant import SUPPORTED_BITS
+    from ..core import SUPPORTED_BITS
 
     bits = _int_at_least(0, "")(value)
     if bits not in SUPPORTED_BITS:
@@ -155,7 +155,7 @@ def add_export_parser(sub) -> None:
 
 
 def run_export(args: argparse.Namespace) -> str:
-    from .export import export_adapter
+    from ..integrations.formats import export_adapter
 
     options = {
         "gguf": {"float_type": args.gguf_float_type},

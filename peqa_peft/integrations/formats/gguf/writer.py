@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._common import ExportModel, QuantWeight
+from .._common import ExportModel, QuantWeight
 
 BLOCK = 32  # weights per Q4_1 / Q5_1 block
 FLOAT_TYPES = ("f16", "f32")

@@ -1,7 +1,7 @@
 """``save_pretrained`` / ``push_to_hub`` for merged PEQA models: a standard compressed-tensors checkpoint with a card.
 
 ``merge_and_unload()`` (and ``unload()``) of a PEQA model return the transformers model whose targeted layers are
-:class:`~peqa_peft.quant.QuantLinear`. transformers' own ``save_pretrained`` would write those layers' private buffers,
+:class:`~peqa_peft.core.QuantLinear`. transformers' own ``save_pretrained`` would write those layers' private buffers,
 which only peqa_peft can read; instead the returned model gets these two methods (bound to that instance only), so
 ``merged.save_pretrained(dir)`` writes the compressed-tensors checkpoint of :mod:`.compressed_tensors` that plain
 ``AutoModelForCausalLM.from_pretrained(dir)`` and vLLM load, plus a model card.
@@ -33,7 +33,7 @@ def attach_compressed_save(model: nn.Module) -> nn.Module:
 
 
 def _card(out_dir: Path, model: nn.Module, exported) -> None:
-    from ..hub import _set_section
+    from ...hub import _set_section
 
     base = getattr(model.config, "_name_or_path", None) or None
     group = exported.group_size or "per output channel"
@@ -65,7 +65,8 @@ def save_pretrained(
     files are written into a temporary directory first and moved in at the end. Sharding/serialization keyword
     arguments of transformers' method are accepted and ignored (one safetensors file is written).
     """
-    from . import _common, compressed_tensors
+    from .. import _common
+    from . import writer as compressed_tensors
 
     exported = _common.collect(self)
     compressed_tensors.validate(exported, scale_dtype, zero_point_layout)
@@ -100,7 +101,7 @@ def push_to_hub(
     **save_kwargs: Any,
 ):
     """Save the compressed-tensors checkpoint and card into a temporary folder and upload exactly those files."""
-    from .. import hub
+    from ... import hub
 
     with tempfile.TemporaryDirectory() as tmp:
         self.save_pretrained(tmp, tokenizer=tokenizer, **save_kwargs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-BUNDLED_ALPACA = Path(__file__).resolve().parents[1] / "assets" / "data" / "alpaca_data_5000.json"
+BUNDLED_ALPACA = Path(__file__).resolve().parents[2] / "assets" / "data" / "alpaca_data_5000.json"
 
 # The Stanford Alpaca prompt templates (with and without an input field).
 PROMPT_WITH_INPUT = (

@@ -1,0 +1,1 @@
+"""transformers integration: quantize-on-load through an ``HfQuantizer``."""
