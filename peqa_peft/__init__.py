@@ -19,6 +19,7 @@ add_peft_type("QFT")
 patch_peft_model()
 
 from .core import QuantLinear, compute_qparams, fake_quantize, pack_bits, unpack_bits  # noqa: E402
+from .integrations import distributed as _distributed  # noqa: E402,F401  (registers DDP/FSDP2 hooks)
 from .integrations.transformers.quantizer import PeqaQuantizationConfig  # noqa: E402
 from .integrations.transformers.quantizer import register as _register_quantizer  # noqa: E402
 from .optim import IntLion  # noqa: E402
@@ -29,9 +30,8 @@ from .tuners.peqa.backends.compressed_tensors import install_compat_fixes  # noq
 install_compat_fixes()
 # from_pretrained(..., quantization_config=PeqaQuantizationConfig(bits=4)) quantizes while loading
 _register_quantizer()
+from ._version import __version__  # noqa: E402
 from .core.layer_memory import quantized_layer_bytes  # noqa: E402
-
-__version__ = "0.1.0"
 
 __all__ = [
     "IntLion",

@@ -142,7 +142,7 @@ def load_for_eval(
         raise ValueError("--bits quantizes the base itself; it cannot be combined with --adapter or --load-in-4bit")
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     if load_in_4bit:
-        from .train import load_nf4_model
+        from .models import load_nf4_model
 
         model = load_nf4_model(model_name, dtype)
     else:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..core.layer_memory import module_resident_bytes
 from .data import load_instruction_dataset, looks_like_local_path
+from .models import load_nf4_model
 
 METHODS = ("peqa", "qft", "lora", "qlora")
 # Defaults per method: PEQA scales and LoRA factors take AdamW at a LoRA-like rate. QFT's recipe (IntLion moves every
@@ -130,26 +131,6 @@ def check_has_linear_layers(model: nn.Module) -> None:
 
     if not any(isinstance(m, (nn.Linear, Conv1D)) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no nn.Linear/Conv1D layers to quantize or adapt")
-
-
-def load_nf4_model(name: str, dtype: torch.dtype = torch.float32):
-    """``name`` with its linear layers in bitsandbytes NF4 (the QLoRA base), runnable on CPU and CUDA."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ValueError("QLoRA / NF4 needs bitsandbytes: pip install 'peqa-peft[bnb]'") from err
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quant)
-    if not torch.cuda.is_available():
-        # bitsandbytes' AVX512-BF16 CPU kernel asserts out_features % 32 == 0 (fails e.g. on 688-wide MLPs); its
-        # generic dequantize path has no such limit.
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
-    return model
 
 
 def load_base_model(name: str, method: str, bf16: bool):

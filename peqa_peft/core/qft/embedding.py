@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from ...integrations.distributed.ddp import sync_grad_chunk_
 from ..chunks import row_chunks
+from .hooks import sync_grad_chunk_
 from .tensor import GradientRows, QftWeight
 
 

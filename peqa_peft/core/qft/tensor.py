@@ -28,10 +28,11 @@ from typing import Any, Optional, Union
 import torch
 from torch.utils._pytree import tree_map
 
-from ...integrations.distributed import fsdp
-from ...integrations.distributed.ddp import sync_grad_chunk_
 from ..chunks import row_chunks
 from ..quantizer import compute_qparams, quantize
+from ..stochastic import stochastic_round
+from . import hooks
+from .hooks import sync_grad_chunk_
 
 aten = torch.ops.aten
 
@@ -221,7 +222,7 @@ class QftWeight(torch.Tensor):
         """``(lo, hi)``: ``outlier_idx[lo:hi]`` are the outliers of rows ``r0:r1`` (the index is sorted)."""
         if not self.outlier_idx.numel():
             return 0, 0
-        # An FSDP2 shard pads its outliers with indices past every row (fsdp.pad_index): they are never in range.
+        # An FSDP2 shard pads its outliers with indices past every row (hooks.pad_index): they are never in range.
         bounds = torch.tensor([r0 * self.shape[1], r1 * self.shape[1]], dtype=self.outlier_idx.dtype)
         lo, hi = torch.searchsorted(self.outlier_idx, bounds.to(self.outlier_idx.device)).tolist()
         return lo, hi
@@ -253,7 +254,7 @@ class QftWeight(torch.Tensor):
             own.copy_(new)
         idx = self.outlier_idx
         used, padding = idx[: self.num_outliers], idx[self.num_outliers :]
-        bad_padding = (padding != fsdp.pad_index(idx.dtype)).any()  # only FSDP2 shards have padding slots
+        bad_padding = (padding != hooks.pad_index(idx.dtype)).any()  # only FSDP2 shards have padding slots
         if used.numel() and (used.min() < 0 or used.max() >= self.numel() or (used[1:] <= used[:-1]).any()):
             raise ValueError("QFT weight field 'outlier_idx' must hold distinct sorted indices into the weight")
         if bad_padding:
@@ -305,8 +306,7 @@ class QftWeight(torch.Tensor):
         if local is not None:  # outlier slots hold the zero point; their value lives in float
             update.view(-1)[local] = self.zero_point[r0:r1].expand_as(update).reshape(-1)[local]
         self._refit_overflowing_rows_(r0, update)
-        noise = torch.rand(update.shape, generator=generator, device=update.device, dtype=torch.float32)
-        codes = noise.add_(update).floor_().clamp_(0, _MAXQ)  # stochastic rounding: floor(x + U[0, 1))
+        codes = stochastic_round(update, generator).clamp_(0, _MAXQ)
         if local is not None:
             outliers = self.outlier_val[lo:hi]
             outliers.mul_(1.0 - lr * weight_decay).sub_(direction.reshape(-1)[local].float(), alpha=lr)
@@ -389,12 +389,12 @@ class QftWeight(torch.Tensor):
         handled, out = _fsdp_op(src, func, args, kwargs)
         return out if handled else _rewrap_fallback(cls, func, args, kwargs)
 
-    # FSDP2's all-gather extension (see .fsdp): shards travel as their integer fields.
+    # FSDP2's all-gather extension (peqa_peft.integrations.distributed.fsdp): shards travel as integer fields.
     def fsdp_pre_all_gather(self, mesh, outer_size=None, outer_stride=None, module=None, mp_policy=None):
-        return fsdp.pre_all_gather(self, mesh)
+        return hooks.fsdp().pre_all_gather(self, mesh)
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
-        return fsdp.post_all_gather(outputs, metadata, param_dtype, out)
+        return hooks.fsdp().post_all_gather(outputs, metadata, param_dtype, out)
 
     def __repr__(self) -> str:
         return (
@@ -406,11 +406,11 @@ class QftWeight(torch.Tensor):
 def _fsdp_op(src: QftWeight, func: Any, args: tuple, kwargs: dict) -> tuple[bool, Any]:
     """``(True, result)`` for the ops FSDP2's ``fully_shard`` applies to a parameter, else ``(False, None)``."""
     if func is aten.split.Tensor:
-        return True, fsdp.split_rows(src, args[1], args[2] if len(args) > 2 else kwargs.get("dim", 0))
+        return True, hooks.fsdp().split_rows(src, args[1], args[2] if len(args) > 2 else kwargs.get("dim", 0))
     if func is aten.new_zeros.default:
-        return True, fsdp.new_zeros_shard(src, list(args[1]))
+        return True, hooks.fsdp().new_zeros_shard(src, list(args[1]))
     if func is aten.new_empty.default:  # FSDP2's filler for ranks left without rows
-        raise NotImplementedError(fsdp.uneven_message(src.shape[0]))
+        raise NotImplementedError(hooks.fsdp().uneven_message(src.shape[0]))
     if func is aten.slice.Tensor:
         where = {"dim": 0, "start": None, "end": None, "step": 1}
         where.update(zip(where, args[1:]), **kwargs)

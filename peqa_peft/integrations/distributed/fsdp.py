@@ -39,9 +39,8 @@ if TYPE_CHECKING:
 _WARNED = {"int8_grad": False}
 
 
-def pad_index(dtype: torch.dtype) -> int:
-    """The outlier index that marks an unused (padding) slot of a shard: larger than every real index."""
-    return torch.iinfo(dtype).max
+# The padding index is part of the weight's storage format, so it lives with the weight.
+from ...core.qft.hooks import pad_index  # noqa: E402
 
 
 def _outlier_counts(weight: QftWeight, rows_per_shard: int) -> torch.Tensor:

@@ -26,7 +26,6 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from ...core import QuantLinear, unpack_bits
-from ...tuners.peqa.layer import PeqaLayer
 
 
 @dataclass
@@ -94,17 +93,6 @@ class ExportModel:
         return next(iter(self.layers.values())).group_size
 
 
-def _merged_qparams(layer: PeqaLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """``s0 + Δs`` and ``z0 (+ Δz)`` of the active adapters, exactly as ``PeqaLayer.merge`` would compute them."""
-    base = layer.get_base_layer()
-    if layer.merged or layer.disable_adapters:
-        return base.scale, base.zero_point
-    delta_scale, delta_zero = layer._deltas(layer.active_adapters)
-    scale = base.scale if delta_scale is None else base.scale + delta_scale.detach().to(base.scale.dtype)
-    zero = base.zero_point if delta_zero is None else base.zero_point.float() + delta_zero.detach().float()
-    return scale, zero
-
-
 def _quant_weight(name: str, base: QuantLinear, scale: torch.Tensor, zero: torch.Tensor) -> QuantWeight:
     cpu = torch.device("cpu")
     return QuantWeight(
@@ -121,8 +109,9 @@ def _quant_weight(name: str, base: QuantLinear, scale: torch.Tensor, zero: torch
 
 
 def _walk(module: nn.Module, prefix: str, out: ExportModel, seen: dict[int, str]) -> None:
-    if isinstance(module, PeqaLayer):
-        scale, zero = _merged_qparams(module)
+    if isinstance(module, BaseTunerLayer) and callable(getattr(module, "merged_qparams", None)):
+        # a PEQA layer (tuners.peqa.layer.PeqaLayer; not imported here: formats sit below the tuners)
+        scale, zero = module.merged_qparams()
         out.layers[prefix] = _quant_weight(prefix, module.get_base_layer(), scale, zero)
         return
     if isinstance(module, QuantLinear):

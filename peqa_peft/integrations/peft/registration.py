@@ -27,6 +27,8 @@ from peft.utils import PeftType, register_peft_method
 TESTED_PEFT_VERSIONS = ("0.21",)
 _PATCH_MARKER = "_peqa_peft_patched"
 _FINGERPRINT_OVERRIDE = "_peqa_peft_skip_fingerprint"
+# PEFT type name -> tuner class of each method registered through register_method (they validate their adapters)
+_METHODS: dict[str, type] = {}
 
 
 def add_peft_type(name: str) -> PeftType:
@@ -53,6 +55,7 @@ def register_method(name: str, config_cls: type, model_cls: type) -> PeftType:
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
     peft_type = add_peft_type(name.upper())
+    _METHODS[peft_type.value] = model_cls
     registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
     if registered is None:
         register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls)
@@ -138,43 +141,36 @@ def _read_weights(model_id: str, hub_kwargs: dict) -> dict:
 def check_saved_adapter(model, model_id: str, config=None, existing=None, **kwargs) -> None:
     """Validate a saved adapter against ``model`` (the transformers model) before PEFT changes anything.
 
-    For QFT adapters: every saved integer weight (complete, in range, fitting its layer; ``tuners.qft.validation``).
-    For PEQA adapters: the weights (dtypes, finiteness, shapes, completeness; ``tuners.peqa.validation``) and, when
-    the adapter is loaded into an ``existing`` PEQA adapter slot (``load_adapter(..., adapter_name=<existing>)``, as
-    Trainer's resume does), the base fingerprint, which PEFT would otherwise skip. For every other type: PEQA weights
-    under its ``peft_type`` are refused.
+    Adapters of a method registered here are checked by its tuner class (``check_saved_adapter``); before that,
+    and for every other ``peft_type``, weights that a registered method recognises as its own but saved under another
+    ``peft_type`` are refused (``refuse_as_other_method``; other methods' weights are PEFT's to check, so for them
+    only the key names are read, and only from a local file).
     """
     from peft.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors import safe_open
 
-    from ...tuners.peqa import PeqaConfig
-    from ...tuners.peqa.validation import check_adapter_weights, check_peft_type, verify_fingerprint
-
     hub_kwargs = _hub_kwargs(kwargs)
     peft_type = config.peft_type if config is not None else _saved_peft_type(model_id, hub_kwargs)
-    if getattr(peft_type, "value", peft_type) == "QFT":
-        from ...tuners.qft.validation import check_qft_weights
-
-        weights = _read_weights(model_id, hub_kwargs)
-        check_peft_type(weights, peft_type, model_id)
-        check_qft_weights(weights, model, model_id)
-        return
-    if getattr(peft_type, "value", peft_type) != "PEQA":
-        # Other methods' weights are PEFT's to check; only look at the key names, and only in a local file.
+    name = getattr(peft_type, "value", peft_type)
+    ours = _METHODS.get(name)
+    if ours is None:
         local = os.path.join(model_id, kwargs.get("subfolder") or "", SAFETENSORS_WEIGHTS_NAME)
         if os.path.isfile(local):
             with safe_open(local, framework="pt") as f:
-                check_peft_type(dict.fromkeys(f.keys()), peft_type, model_id)
+                _refuse_other_methods_weights(dict.fromkeys(f.keys()), peft_type, model_id)
         return
     weights = _read_weights(model_id, hub_kwargs)
-    if config is None:
-        config = PeqaConfig.from_pretrained(model_id, **hub_kwargs)
-    check_adapter_weights(weights, config, model, model_id)
-    if existing is not None and not getattr(existing, _FINGERPRINT_OVERRIDE, False):
-        from ...tuners.peqa import PeqaLayer
+    _refuse_other_methods_weights(weights, peft_type, model_id)
+    if existing is not None and getattr(existing, _FINGERPRINT_OVERRIDE, False):
+        existing = None
+    ours.check_saved_adapter(weights, model, model_id, config=config, existing=existing, hub_kwargs=hub_kwargs)
 
-        layers = {k: m for k, m in model.named_modules() if isinstance(m, PeqaLayer)}
-        verify_fingerprint(layers, config)
+
+def _refuse_other_methods_weights(keys, peft_type, source: str) -> None:
+    name = getattr(peft_type, "value", peft_type)
+    for method, tuner_cls in _METHODS.items():
+        if method != name:
+            tuner_cls.refuse_as_other_method(keys, peft_type, source)
 
 
 def _validate_from_pretrained(original):

@@ -37,6 +37,27 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
         ```
     """
 
+    @classmethod
+    def check_saved_adapter(cls, weights, model, source, config=None, existing=None, hub_kwargs=None) -> None:
+        """The weights (dtypes, finiteness, shapes, completeness; :mod:`.validation`) and, when the adapter is loaded
+        into an ``existing`` PEQA adapter slot (``load_adapter(..., adapter_name=<existing>)``, as Trainer's resume
+        does), the base fingerprint, which PEFT would otherwise skip."""
+        from .validation import check_adapter_weights
+
+        if config is None:
+            config = PeqaConfig.from_pretrained(source, **(hub_kwargs or {}))
+        check_adapter_weights(weights, config, model, source)
+        if existing is not None:
+            layers = {k: m for k, m in model.named_modules() if isinstance(m, PeqaLayer)}
+            verify_fingerprint(layers, config)
+
+    @classmethod
+    def refuse_as_other_method(cls, keys, peft_type, source) -> None:
+        """PEQA scale deltas under another ``peft_type`` (an edited or mixed-up ``adapter_config.json``)."""
+        from .validation import check_peft_type
+
+        check_peft_type(keys, peft_type, source)
+
     prefix: str = "peqa_"
     tuner_layer_cls = PeqaLayer
 

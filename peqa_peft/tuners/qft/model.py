@@ -50,6 +50,13 @@ class QftModel(QuantTunerMixin, BaseTuner):
         ```
     """
 
+    @classmethod
+    def check_saved_adapter(cls, weights, model, source, config=None, existing=None, hub_kwargs=None) -> None:
+        """Every saved integer weight: complete, in range, fitting its layer (:mod:`.validation`)."""
+        from .validation import check_qft_weights
+
+        check_qft_weights(weights, model, source)
+
     prefix: str = "qft_"
     tuner_layer_cls = QftLayer
     _extra_targets: frozenset = frozenset()

@@ -112,7 +112,7 @@ def _pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def quantize_config(model: ExportModel, checkpoint_format: str = "gptq_v2") -> dict:
     """``quantize_config.json`` / ``config.json["quantization_config"]`` as GPTQModel writes them."""
-    from .... import __version__
+    from ...._version import __version__
 
     skipped = [name for name in model.float_linears if name != "lm_head"]
     config = {

@@ -1,4 +1,5 @@
-"""Regressions found by PEFT's own custom-model battery (scripts/peft_conformance.py), checked without it."""
+"""PEQA under PEFT's generic loading paths: low_cpu_mem_usage (meta-device) loading and the adapter dtype under
+autocast_adapter_dtype (regressions first found by PEFT's custom-model battery, scripts/peft_conformance.py)."""
 
 import pytest
 import torch
