@@ -30,14 +30,12 @@ from torch.utils._pytree import tree_map
 
 from ..chunks import row_chunks
 from ..quantizer import compute_qparams, quantize
-from ..stochastic import stochastic_round
 from . import hooks
 from .hooks import sync_grad_chunk_
 
 aten = torch.ops.aten
 
 WEIGHT_BITS = 8
-_MAXQ = 2**WEIGHT_BITS - 1
 _GRAD_MAXQ = 127
 WEIGHT_FIELDS = ("codes", "scale", "zero_point", "outlier_idx", "outlier_val")
 
@@ -218,7 +216,7 @@ class QftWeight(torch.Tensor):
         """The float weight ``s * (q - z)`` with the outliers written in, in ``dtype`` (default: apparent dtype)."""
         return self.dequantize_rows(0, self.shape[0], dtype)
 
-    def _outlier_range(self, r0: int, r1: int) -> tuple[int, int]:
+    def outlier_range(self, r0: int, r1: int) -> tuple[int, int]:
         """``(lo, hi)``: ``outlier_idx[lo:hi]`` are the outliers of rows ``r0:r1`` (the index is sorted)."""
         if not self.outlier_idx.numel():
             return 0, 0
@@ -232,7 +230,7 @@ class QftWeight(torch.Tensor):
         dtype = dtype or self.dtype
         w = self.codes[r0:r1].to(dtype)
         w.sub_(self.zero_point[r0:r1].to(dtype)).mul_(self.scale[r0:r1].to(dtype))
-        lo, hi = self._outlier_range(r0, r1)
+        lo, hi = self.outlier_range(r0, r1)
         if hi > lo:
             local = self.outlier_idx[lo:hi].long() - r0 * self.shape[1]
             w.view(-1)[local] = self.outlier_val[lo:hi].to(dtype)
@@ -267,103 +265,7 @@ class QftWeight(torch.Tensor):
     @property
     def num_outliers(self) -> int:
         """How many entries are float outliers (an FSDP2 shard's padding slots not counted)."""
-        return self._outlier_range(0, self.shape[0])[1]
-
-    @torch.no_grad()
-    def lion_update_(
-        self, direction: torch.Tensor, lr: float, weight_decay: float, generator: Optional[torch.Generator]
-    ) -> None:
-        """``W <- W - lr * (direction + weight_decay * W)`` on the whole weight (see :meth:`lion_update_rows_`)."""
-        for r0, r1 in row_chunks(self.shape[0], self.shape[1]):
-            self.lion_update_rows_(r0, r1, direction[r0:r1], lr, weight_decay, generator)
-
-    @torch.no_grad()
-    def lion_update_rows_(
-        self,
-        r0: int,
-        r1: int,
-        direction: torch.Tensor,
-        lr: float,
-        weight_decay: float,
-        generator: Optional[torch.Generator],
-    ) -> None:
-        """Apply ``W <- W - lr * (direction + weight_decay * W)`` to rows ``r0:r1`` (``direction``: those rows).
-
-        In code units the dense update is ``-(lr / s) * direction - lr * weight_decay * (q - z)`` per entry; it is
-        stochastically rounded to whole steps (unbiased, so sub-step learning rates still move weights on average).
-        A row whose updated codes would leave ``[0, 255]`` first gets a wider grid (``_refit_overflowing_rows_``), so
-        no update is lost to clamping at the edges. Outliers take the same update exactly, in float. Called on
-        consecutive row ranges, the rounding noise drawn from ``generator`` is the same as for one call on the whole
-        weight.
-        """
-        codes = self.codes[r0:r1].float()
-        update = direction.float() * (-lr / self.scale[r0:r1])
-        if weight_decay:
-            update.add_(codes - self.zero_point[r0:r1], alpha=-lr * weight_decay)
-        update.add_(codes)  # the updated weight in (fractional) code units
-        lo, hi = self._outlier_range(r0, r1)
-        local = self.outlier_idx[lo:hi].long() - r0 * self.shape[1] if hi > lo else None
-        if local is not None:  # outlier slots hold the zero point; their value lives in float
-            update.view(-1)[local] = self.zero_point[r0:r1].expand_as(update).reshape(-1)[local]
-        self._refit_overflowing_rows_(r0, update)
-        codes = stochastic_round(update, generator).clamp_(0, _MAXQ)
-        if local is not None:
-            outliers = self.outlier_val[lo:hi]
-            outliers.mul_(1.0 - lr * weight_decay).sub_(direction.reshape(-1)[local].float(), alpha=lr)
-        self.codes[r0:r1].copy_(codes)
-
-    @torch.no_grad()
-    def _refit_overflowing_rows_(self, r0: int, update: torch.Tensor) -> None:
-        """Widen the grid of every row whose updated codes ``update`` (rows ``r0:``) leave ``[0, 255]``.
-
-        Without this an edge code (0 or 255) pushed outward is clamped and loses its update. The row gets the
-        narrowest grid with an integer zero-point that holds all its updated values, and ``update`` is rewritten in
-        the new code units (same weights, exactly); the stochastic rounding that follows is unbiased, so every entry
-        of the row, edge codes included, moves by its update on average. Rows that fit are untouched.
-        """
-        lo, hi = update.amin(dim=1, keepdim=True), update.amax(dim=1, keepdim=True)
-        rows = ((lo < 0) | (hi > _MAXQ)).view(-1).nonzero().view(-1)
-        if not rows.numel():
-            return
-        scale, zero = self.scale[r0 + rows], self.zero_point[r0 + rows]
-        below = zero - lo[rows].clamp(max=0)  # steps of the old grid needed below / above the zero-point
-        above = hi[rows].clamp(min=_MAXQ) - zero
-        split = below * _MAXQ / (below + above)
-        best_scale, best_zero = torch.full_like(scale, float("inf")), zero.clone()
-        for candidate in (split.floor(), split.ceil()):
-            z = candidate.clamp(0, _MAXQ)
-            need_lo = torch.where(z > 0, below / z.clamp(min=1), torch.where(below > 0, float("inf"), 0.0))
-            need_hi = torch.where(
-                z < _MAXQ, above / (_MAXQ - z).clamp(min=1), torch.where(above > 0, float("inf"), 0.0)
-            )
-            s = scale * torch.maximum(need_lo, need_hi) * (1 + 1e-6)  # margin for float rounding at the ends
-            better = s < best_scale
-            best_scale, best_zero = torch.where(better, s, best_scale), torch.where(better, z, best_zero)
-        update[rows] = (update[rows] - zero) * (scale / best_scale) + best_zero
-        self.scale[r0 + rows] = best_scale
-        self.zero_point[r0 + rows] = best_zero
-
-    @torch.no_grad()
-    def reselect_outliers_(self) -> None:
-        """Re-pick the float outliers among the largest entries without moving any weight off its grid.
-
-        The per-channel grid stays fixed. An entry can leave the outlier set only if its value lies inside its row's
-        grid, so rounding it onto the grid moves it by at most half a step; outliers outside their row's grid (the
-        usual case right after quantization) stay outliers. The remaining slots go to the largest-magnitude entries;
-        those that join are exact already. So the refresh moves no weight by more than half a step of its row's grid.
-        """
-        k = self.num_outliers
-        if not k:
-            return
-        w = self.dequantize(torch.float32)
-        codes = torch.round(w / self.scale).add_(self.zero_point)  # unclamped: outside [0, 255] means "does not fit"
-        score = w.abs()
-        score[(codes < 0) | (codes > _MAXQ)] = float("inf")  # must stay outliers (only outliers can be outside)
-        idx = torch.topk(score.flatten(), k, sorted=False).indices.sort().values
-        codes.clamp_(0, _MAXQ).view(-1)[idx] = self.zero_point.expand_as(codes).reshape(-1)[idx]
-        self.outlier_val[:k].copy_(w.view(-1)[idx])
-        self.outlier_idx[:k].copy_(idx)
-        self.codes.copy_(codes)
+        return self.outlier_range(0, self.shape[0])[1]
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):

@@ -82,7 +82,7 @@ def split_rows(weight: QftWeight, split_size: int, dim: int = 0, capacity: Optio
         raise ValueError(f"a shard of this QFT weight holds {needed} outliers, more than its {capacity} slots")
     shards = []
     for r0 in range(0, rows, split_size):
-        lo, hi = weight._outlier_range(r0, r0 + split_size)
+        lo, hi = weight.outlier_range(r0, r0 + split_size)
         idx = torch.full((capacity,), pad_index(weight.outlier_idx.dtype), dtype=weight.outlier_idx.dtype)
         val = torch.zeros(capacity, dtype=weight.outlier_val.dtype)
         idx[: hi - lo] = weight.outlier_idx[lo:hi] - r0 * cols
