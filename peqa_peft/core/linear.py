@@ -7,20 +7,37 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .functional import dequantize_packed, packed_linear
 from .packing import pack_bits, packed_numel
 from .quantizer import QuantMethod, compute_qparams, num_groups, quantize, validate_bits, validate_group_size
 
+# Layer types that store their weight as (in_features, out_features), e.g. transformers' Conv1D. They are registered
+# from above (peqa_peft.integrations.transformers registers Conv1D), so the core imports no transformers.
+_TRANSPOSED_LINEAR_TYPES: list[type] = []
 
-def _linear_weight(module: nn.Module) -> torch.Tensor:
-    """The ``(out_features, in_features)`` weight of an ``nn.Linear`` or a transformers ``Conv1D``."""
+
+def register_transposed_linear(cls: type) -> None:
+    """Accept ``cls`` (a module with a ``weight`` of shape ``(in_features, out_features)``) as a linear layer."""
+    if cls not in _TRANSPOSED_LINEAR_TYPES:
+        _TRANSPOSED_LINEAR_TYPES.append(cls)
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a registered ``(in, out)``-weight linear layer (transformers' ``Conv1D``)."""
+    return isinstance(module, tuple(_TRANSPOSED_LINEAR_TYPES))
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The ``(out_features, in_features)`` weight of an ``nn.Linear`` or a transformers ``Conv1D`` (a view)."""
     if isinstance(module, nn.Linear):
         return module.weight
-    if isinstance(module, Conv1D):
+    if is_transposed_linear(module):
         return module.weight.t()  # Conv1D stores (in_features, out_features)
     raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+_linear_weight = linear_weight  # the former private name, used by branches written before the re-layout
 
 
 class QuantLinear(nn.Module):
@@ -76,7 +93,7 @@ class QuantLinear(nn.Module):
         max_shrink: float = 0.8,
     ) -> QuantLinear:
         """Quantize an ``nn.Linear`` / ``Conv1D`` (its weight is read, not modified). See :func:`compute_qparams`."""
-        weight = _linear_weight(module)
+        weight = linear_weight(module)
         out_features, in_features = weight.shape
         bias = getattr(module, "bias", None)
         new = cls(in_features, out_features, bits, group_size, bias=bias is not None, device=torch.device("meta"))

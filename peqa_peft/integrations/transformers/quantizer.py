@@ -29,7 +29,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ...core.linear import QuantLinear, _linear_weight
+from ...core.linear import QuantLinear, linear_weight
 from ...core.packing import pack_bits
 from ...core.quantizer import compute_qparams, quantize, validate_group_size, validate_quant_settings
 
@@ -148,7 +148,7 @@ def _replace_linears(model: nn.Module, config: PeqaQuantizationConfig, with_plac
     for name, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, Conv1D)) or module is head or not config.selects(name):
             continue
-        out_features, in_features = _linear_weight(module).shape
+        out_features, in_features = linear_weight(module).shape
         validate_group_size(config.group_size, in_features, name)
         layer = QuantLinear(
             in_features, out_features, config.bits, config.group_size, bias=module.bias is not None, device="meta"
