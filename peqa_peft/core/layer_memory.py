@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from .memory import model_state_bytes
+from .memory import model_state_bytes, tensor_bytes
 
 __all__ = ["model_state_bytes", "module_resident_bytes", "quantized_layer_bytes", "tensor_bytes"]
-
-
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes held by ``tensor``'s elements."""
-    return tensor.numel() * tensor.element_size()
 
 
 def module_resident_bytes(module: nn.Module) -> int:

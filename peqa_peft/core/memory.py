@@ -8,13 +8,26 @@ import torch
 from torch import nn
 
 
-def _bytes(tensor: torch.Tensor) -> int:
-    # Quantized tensor subclasses (QftWeight, Int8Grad) report the bytes of the tensors that actually store them.
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes that really store ``tensor``; the one byte counter of the package and its benchmarks.
+
+    ``numel() * element_size()`` is not the storage of three kinds of tensors: quantized subclasses with a
+    ``storage_bytes()`` method (QFT's ``QftWeight`` / ``Int8Grad``) report it themselves; other traceable wrapper
+    subclasses (torchao's low-bit optimizer states) hold the inner tensors named by ``__tensor_flatten__``; meta
+    tensors hold nothing.
+    """
     if hasattr(tensor, "storage_bytes"):
         return int(tensor.storage_bytes())
     if tensor.device.type == "meta":
         return 0
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is not None and type(tensor) not in (torch.Tensor, nn.Parameter):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
     return tensor.numel() * tensor.element_size()
+
+
+_bytes = tensor_bytes
 
 
 def _key(tensor: torch.Tensor) -> tuple:
@@ -52,4 +65,4 @@ def model_state_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimize
     return {"weights": weights, "gradients": gradients, "optimizer": state_bytes}
 
 
-__all__ = ["model_state_bytes"]
+__all__ = ["model_state_bytes", "tensor_bytes"]
