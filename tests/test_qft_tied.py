@@ -217,6 +217,11 @@ def _tied_checkpoint(src, dst) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(**src)
+    if "gguf_file" in src:  # transformers dequantized it to float (plain nn.Linear); save it as the float model it is
+        assert not any(p.dtype == torch.uint8 for p in model.parameters())
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight  # its own
     model.config.tie_word_embeddings = True
     model.lm_head.weight = model.model.embed_tokens.weight
     model.save_pretrained(dst)
@@ -238,7 +243,7 @@ def _cli_train_and_reload(model_dir, out, monkeypatch, capsys, extra=()) -> dict
 
     monkeypatch.setattr(train_mod, "_log_tied_embeddings", capture)
     args = ["train", "--method", "qft", "--model", str(model_dir), "--output-dir", str(out), "--max-steps", "2"]
-    args += ["--batch-size", "1", "--seq-len", "64", "--max-samples", "8", "--logging-steps", "1"]
+    args += ["--batch-size", "1", "--seq-len", "128", "--max-samples", "8", "--logging-steps", "1"]
     args += ["--dataset", str(DATA / "alpaca_en_demo.json"), *extra]
     assert main(args) == 0
     err = capsys.readouterr().err
