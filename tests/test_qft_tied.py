@@ -308,3 +308,15 @@ def test_cli_trains_real_smollm2_with_its_tied_embeddings(tmp_path, monkeypatch,
     del base
     got = _cli_train_and_reload(tmp_path / "smollm2", tmp_path / "out", monkeypatch, capsys, ["--seed", "0"])
     assert not torch.equal(got["pair"], base_pair)
+
+
+def test_train_prints_one_line_about_the_tied_pair(capsys):
+    """What the CLI's log (stderr) says about the pair, without a training run (the slow tests run the CLI)."""
+    from peqa_peft.train import _log_tied_embeddings
+
+    for extra, expected in ((CASES["float"], "ONE float weight"), (CASES["integer"], "ONE integer weight")):
+        _log_tied_embeddings(get_peft_model(tiny_llama(tie_word_embeddings=True), QftConfig(**extra)))
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("peqa-peft: QFT:") and expected in lines[0], lines
+    _log_tied_embeddings(get_peft_model(tiny_llama(), QftConfig()))
+    assert not capsys.readouterr().err  # an untied model: nothing to say
