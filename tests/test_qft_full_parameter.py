@@ -123,14 +123,15 @@ def test_a_bad_saved_norm_is_refused_before_loading(tmp_path):
     assert type(fresh.model.embed_tokens) is nn.Embedding
 
 
-def test_tied_pair_cannot_be_split_between_integer_and_float():
-    model = tiny_llama(tie_word_embeddings=True)
-    with pytest.raises(ValueError, match="tie_word_embeddings"):
-        get_peft_model(model, QftConfig(task_type="CAUSAL_LM", exclude_modules=["lm_head"]))
-    assert type(model.model.embed_tokens) is nn.Embedding
-    both_float = get_peft_model(model, QftConfig(task_type="CAUSAL_LM", exclude_modules=["lm_head", "embed_tokens"]))
-    base = both_float.get_base_model()
+@pytest.mark.parametrize("exclude", [["lm_head"], ["embed_tokens"], ["lm_head", "embed_tokens"]])
+def test_tied_pair_is_never_split_between_integer_and_float(exclude):
+    """Excluding either half leaves the whole tied pair float (trained as a float parameter), never half of it."""
+    config = QftConfig(task_type="CAUSAL_LM", exclude_modules=exclude)
+    model = get_peft_model(tiny_llama(tie_word_embeddings=True), config)
+    base = model.get_base_model()
+    assert type(base.model.embed_tokens) is nn.Embedding and type(base.lm_head) is nn.Linear
     assert base.lm_head.weight is base.model.embed_tokens.weight and base.lm_head.weight.requires_grad
+    assert model.peft_config["default"].tied_embeddings == "float"
 
 
 def test_a_saved_config_from_before_full_parameter_loads_linear_only(tmp_path):

@@ -43,6 +43,10 @@ def _describe(config) -> list[str]:
             if attr == "group_size" and value is None:
                 value = "none (per output channel)"
             lines.append(f"- {attr}: {value}")
+    tied = getattr(config, "tied_embeddings", None)
+    if tied:
+        how = "one integer weight shared by" if tied == "integer" else "one float weight (not quantized) shared by"
+        lines.append(f"- tied input/output embeddings: {tied} ({how} the embedding lookup and the output head)")
     lines.append(f"- base model: {config.base_model_name_or_path or 'unknown'}")
     return lines
 

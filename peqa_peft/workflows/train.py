@@ -170,7 +170,8 @@ def peft_config_for(cfg: TrainConfig):
 
         # Every parameter trains (QftConfig's full_parameter default) unless --qft-linear-only. TRL's SFTTrainer
         # computes the loss from lm_head.weight directly (a fused LM head) and refuses a PEFT layer there, so the
-        # output head trains as a float parameter here; every other weight is an integer weight.
+        # output head trains as a float parameter here; every other weight is an integer weight. A head tied to the
+        # embeddings keeps them float too (one float weight; QftConfig.tied_embeddings records it).
         return QftConfig(full_parameter=not cfg.qft_linear_only, exclude_modules=["lm_head"], **common)
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, **common)
 
@@ -246,6 +247,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     base = load_base_model(cfg.model, cfg.method, cfg.bf16 and not quantize_as_stored)
     check_has_linear_layers(base)
     model = get_peft_model(base, peft_config)
+    _log_tied_embeddings(model)
     if quantize_as_stored:
         cast_keeping_trainable_fp32(model, torch.bfloat16)
     trainer = build_trainer(cfg, model, tokenizer, dataset)
@@ -265,6 +267,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         summary["hub_commit"] = str(push_folder_to_hub(cfg.output_dir, cfg.push_to_hub))
     return summary
+
+
+def _log_tied_embeddings(model) -> None:
+    """The one line saying what QFT made of a tied embedding pair (the CLI's log is stderr)."""
+    from .tuners.qft.model import tied_embeddings_note
+
+    config = model.peft_config[model.active_adapter]
+    note = tied_embeddings_note(config) if hasattr(config, "tied_embeddings") else None
+    if note:
+        print(f"peqa-peft: {note}", file=sys.stderr)
 
 
 def evaluate_datasets(model, tokenizer, cfg: TrainConfig) -> dict[str, dict]:
