@@ -231,8 +231,8 @@ def _tied_checkpoint(src, dst) -> None:
 def _cli_train_and_reload(model_dir, out, monkeypatch, capsys, extra=()) -> dict:
     """``peqa-peft train --method qft`` for 2 steps; then the adapter reloaded in a fresh process gives the trained
     model's logits exactly, with the pair still tied and changed by training."""
-    import peqa_peft.train as train_mod
-    from peqa_peft.cli import main
+    import peqa_peft.workflows.train as train_mod
+    from peqa_peft.workflows.cli import main
 
     captured = {}
     log_note = train_mod._log_tied_embeddings
@@ -312,7 +312,7 @@ def test_cli_trains_real_smollm2_with_its_tied_embeddings(tmp_path, monkeypatch,
 
 def test_train_prints_one_line_about_the_tied_pair(capsys):
     """What the CLI's log (stderr) says about the pair, without a training run (the slow tests run the CLI)."""
-    from peqa_peft.train import _log_tied_embeddings
+    from peqa_peft.workflows.train import _log_tied_embeddings
 
     for extra, expected in ((CASES["float"], "ONE float weight"), (CASES["integer"], "ONE integer weight")):
         _log_tied_embeddings(get_peft_model(tiny_llama(tie_word_embeddings=True), QftConfig(**extra)))
