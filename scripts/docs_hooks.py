@@ -9,6 +9,9 @@ those tables into the docs would let the two drift apart, so the build reads the
   settings: everything before its first section) unless ``section-only``, then the named sections (one named
   section loses its own heading); headings are re-levelled under the page's current one.
 
+``::: module.name`` API entries follow modules that moved (``MOVED`` in ``peqa_peft/_deprecated.py``), since
+mkdocstrings reads the source and cannot see import-time aliases.
+
 ``<!-- TODO ... -->`` comments in the markdown source are notes for maintainers and are removed before rendering.
 
 A directive that names a missing file or section fails the build (a warning, which ``--strict`` turns into an
@@ -20,6 +23,7 @@ The CLI reference is generated the same way: ``<!-- cli-help -->`` expands to th
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import re
@@ -43,6 +47,7 @@ CLI_DIRECTIVE = re.compile(r"^<!-- cli-help -->$", re.MULTILINE)
 # the page's HTML, so they are removed before rendering
 TODO_COMMENT = re.compile(r"^<!-- TODO.*?-->\n?", re.MULTILINE | re.DOTALL)
 HEADING = re.compile(r"^(#{1,6}) (.*)$")
+API_DIRECTIVE = re.compile(r"^::: (?P<name>[\w.]+)$", re.MULTILINE)
 
 
 def result_pages() -> list[Path]:
@@ -148,6 +153,32 @@ def cli_help() -> str:
     return "\n".join(parts)
 
 
+def moved_modules() -> dict[str, str]:
+    """``MOVED`` of ``peqa_peft/_deprecated.py`` (old module -> new module), read without importing the package.
+
+    mkdocstrings reads the source statically, so it cannot follow the import-time aliases that keep old module paths
+    working; an API page written against a public path (``::: peqa_peft.export.export``) is pointed at the module's
+    current home instead. Empty when the package has no moved modules.
+    """
+    path = REPO / "peqa_peft" / "_deprecated.py"
+    if not path.is_file():
+        return {}
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MOVED" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return {}
+
+
+def current_name(name: str, moved: dict[str, str]) -> str:
+    """``name`` with its longest moved module prefix replaced by the new module."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in moved:
+            return ".".join([moved[prefix], *parts[i:]])
+    return name
+
+
 def on_files(files, config):
     for path in result_pages():
         files.append(File.generated(config, page_uri(path), content=page_text(path)))
@@ -159,6 +190,9 @@ def on_files(files, config):
 
 def on_page_markdown(markdown, page, config, files):
     markdown = TODO_COMMENT.sub("", markdown)
+    moved = moved_modules()
+    if moved:
+        markdown = API_DIRECTIVE.sub(lambda m: f"::: {current_name(m.group('name'), moved)}", markdown)
     if CLI_DIRECTIVE.search(markdown):
         markdown = CLI_DIRECTIVE.sub(lambda _: cli_help(), markdown)
 

@@ -83,3 +83,12 @@ def test_missing_results_section_is_reported_and_todo_comments_are_not_rendered(
         out = hooks.on_page_markdown(markdown, page, config=None, files=None)
     assert "TODO" not in out and "private note" not in out and "kept" in out
     assert any("nope.md" in record.getMessage() for record in caplog.records)
+
+
+def test_api_entries_follow_moved_modules():
+    hooks = load_hooks()
+    moved = {"peqa_peft.export": "peqa_peft.integrations.formats"}
+    assert hooks.current_name("peqa_peft.export.export", moved) == "peqa_peft.integrations.formats.export"
+    assert hooks.current_name("peqa_peft.exporter", moved) == "peqa_peft.exporter"
+    assert hooks.current_name("peqa_peft.PeqaConfig", moved) == "peqa_peft.PeqaConfig"
+    assert isinstance(hooks.moved_modules(), dict)
