@@ -139,7 +139,7 @@ def cli_help() -> str:
     )
     env = {
         **os.environ,
-        "COLUMNS": "100",
+        "COLUMNS": "80",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     env.setdefault("HF_HUB_OFFLINE", "1")
