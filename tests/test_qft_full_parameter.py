@@ -8,8 +8,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peqa_peft import IntLion, QftConfig
+from peqa_peft.core.qft.tensor import _quantize_grad_rows
 from peqa_peft.tuners.qft import Int8Grad, QftLayer, QftWeight, qft_embedding
-from peqa_peft.tuners.qft.tensor import _quantize_grad_rows
 
 
 def _table(rows: int = 40, dim: int = 24, outliers: float = 0.02, int8_grad: bool = True) -> QftWeight:
@@ -19,7 +19,7 @@ def _table(rows: int = 40, dim: int = 24, outliers: float = 0.02, int8_grad: boo
 
 @pytest.mark.parametrize("padding_idx", [None, 3])
 def test_embedding_lookup_and_gradient_match_the_dense_reference(padding_idx, monkeypatch):
-    monkeypatch.setattr("peqa_peft.tuners.qft.embedding.row_chunks", lambda rows, cols: [(0, 7), (7, 30), (30, rows)])
+    monkeypatch.setattr("peqa_peft.core.qft.embedding.row_chunks", lambda rows, cols: [(0, 7), (7, 30), (30, rows)])
     weight = nn.Parameter(_table(int8_grad=False), requires_grad=True)
     ids = torch.tensor([[1, 3, 3, 39], [0, 7, 7, 30]])
     dense = weight.dequantize().clone().requires_grad_(True)

@@ -10,10 +10,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import fsdp
+from ...core.qft.embedding import qft_embedding
+from ...core.qft.tensor import WEIGHT_FIELDS, QftWeight, qft_linear
+from ...integrations.distributed import fsdp
 from .config import QftConfig
-from .embedding import qft_embedding
-from .tensor import WEIGHT_FIELDS, QftWeight, qft_linear
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Embedding)
 
@@ -188,7 +188,7 @@ class Embedding(Linear):
     """QFT layer over an ``nn.Embedding``: the ``(num_embeddings, dim)`` table as a trainable integer weight.
 
     Lookups dequantize only the rows they read; the weight gradient is built chunk by chunk of the vocabulary
-    (see :mod:`peqa_peft.tuners.qft.embedding`). Merging writes the float table back into the base embedding.
+    (see :mod:`peqa_peft.core.qft.embedding`). Merging writes the float table back into the base embedding.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: QftConfig, **kwargs: Any) -> None:

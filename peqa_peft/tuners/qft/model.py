@@ -8,11 +8,11 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
 from torch import nn
 
+from ...core.qft.tensor import QftWeight
+from ...integrations.distributed.ddp import ddp_ignored_names
 from .._base import QuantTunerMixin
 from .config import QftConfig
-from .distributed import ddp_ignored_names
 from .layer import SUPPORTED_LAYERS, Embedding, Linear, QftLayer, check_embedding_options
-from .tensor import QftWeight
 
 
 def _module_name(model: nn.Module, module: Optional[nn.Module]) -> Optional[str]:
@@ -35,7 +35,7 @@ class QftModel(QuantTunerMixin, BaseTuner):
     """Creates a QFT model from a pretrained transformers model (use it through ``peft.get_peft_model``).
 
     Every targeted ``nn.Linear`` / ``Conv1D`` is wrapped by a :class:`peqa_peft.tuners.qft.Linear` whose only weight
-    is a trainable :class:`~peqa_peft.tuners.qft.tensor.QftWeight` (int8 codes + per-channel scales + float
+    is a trainable :class:`~peqa_peft.core.qft.tensor.QftWeight` (int8 codes + per-channel scales + float
     outliers); the float weight is released. Train it with :class:`peqa_peft.optim.IntLion`. Non-targeted
     parameters are frozen unless listed in ``modules_to_save``. All targets are validated before the first module
     is replaced, so a failing call leaves the model as it was.
@@ -49,6 +49,13 @@ class QftModel(QuantTunerMixin, BaseTuner):
         >>> optimizer = peqa_peft.IntLion(model.parameters(), lr=1e-4)
         ```
     """
+
+    @classmethod
+    def check_saved_adapter(cls, weights, model, source, config=None, existing=None, hub_kwargs=None) -> None:
+        """Every saved integer weight: complete, in range, fitting its layer (:mod:`.validation`)."""
+        from .validation import check_qft_weights
+
+        check_qft_weights(weights, model, source)
 
     prefix: str = "qft_"
     tuner_layer_cls = QftLayer
