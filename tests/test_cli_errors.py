@@ -55,7 +55,7 @@ def test_output_dir_that_is_a_file_is_refused_before_loading(tmp_path, capsys):
     target.write_text("x")
     assert "exists and is not a directory" in run_cli(TRAIN + ["--output-dir", str(target)], capsys)
     err = run_cli(TRAIN + ["--output-dir", str(target / "sub")], capsys)
-    assert f"{target} is a file" in err
+    assert f"'{target}' is a file" in err
 
 
 @pytest.mark.parametrize(

@@ -184,10 +184,10 @@ def _bad_index(t):
     "edit, message",
     [
         (_bad_index, "distinct sorted indices"),
-        (lambda t: t[f"{QFT_FIRST}.scale"].__setitem__(0, float("nan")), "'scale' must be a finite"),
+        (lambda t: t[f"{QFT_FIRST}.scale"].__setitem__(0, float("nan")), "'scale' contains 1 NaN or inf"),
         (
             lambda t: t.__setitem__(f"{QFT_FIRST}.codes", t[f"{QFT_FIRST}.codes"].to(torch.int32)),
-            "codes must be uint8",
+            "'codes' has dtype torch.int32; it must be uint8",
         ),
         (lambda t: t.pop(f"{QFT_FIRST}.outlier_val"), "lacks the QFT field"),
     ],

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..core.layer_memory import module_resident_bytes
+from ..integrations.outputs import check_output_path, remove_created_dirs_on_failure
 from .data import load_instruction_dataset, looks_like_local_path
 from .models import load_nf4_model
 
@@ -90,16 +91,10 @@ def check_model_config(model_config, seq_len: int) -> None:
 def check_output_dir(path: str) -> None:
     """Refuse an output directory that is a file or cannot be created/written, before any model is loaded.
 
-    Nothing is created here, so a run refused later for another reason leaves no directory behind.
+    Nothing is created here, so a run refused later for another reason leaves no directory behind (and
+    :func:`train` removes the directories a failed run created).
     """
-    out = Path(path).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output directory {path} exists and is not a directory")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"output directory {path} cannot be created: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"output directory {path} is not writable ({existing} is read-only for this user)")
+    check_output_path(path)
 
 
 def is_complete_checkpoint(path: Path) -> bool:
@@ -224,15 +219,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` with ``cfg.method`` and write the adapter into ``cfg.output_dir``.
 
     Returns the run summary (also written to ``train_summary.json``): trainable parameters, resident model bytes,
-    adapter size, final training loss, steps, time, and perplexities when ``eval_datasets`` is set.
+    adapter size, final training loss, steps, time, and perplexities when ``eval_datasets`` is set. A run that fails
+    removes the output directories it created while they hold no file.
     """
-    from peft import get_peft_model
-    from transformers import AutoConfig, AutoTokenizer, set_seed
-
     import peqa_peft  # noqa: F401  (registers the PEFT types)
 
     start = time.time()
     check_output_dir(cfg.output_dir)
+    with remove_created_dirs_on_failure(cfg.output_dir):
+        return _train(cfg, start)
+
+
+def _train(cfg: TrainConfig, start: float) -> dict[str, Any]:
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoTokenizer, set_seed
+
     checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
     check_model_config(AutoConfig.from_pretrained(cfg.model), cfg.seq_len)
     dataset = load_instruction_dataset(cfg.dataset, max_samples=cfg.max_samples, seed=cfg.seed)

@@ -8,7 +8,10 @@
 - ``"gptq"``: the GPTQ layout (``qweight``/``qzeros``/``scales``/``g_idx``) read by GPTQModel and transformers.
 
 The output directory is written atomically (a temporary directory beside it, renamed at the end), so a failed export
-leaves nothing behind; every check (format limits, tokenizer, existing output) runs before anything is written.
+leaves nothing behind and the result holds no file of an earlier export; temporary directories of killed exports are
+removed by the next export to the same target. Every check (output path usable and writable, existing output, format
+limits, tokenizer) runs before anything is written, and in ``export_adapter`` the path and adapter checks run before
+any model is loaded (:mod:`peqa_peft.integrations.outputs`).
 """
 
 from __future__ import annotations
@@ -87,8 +90,11 @@ def export_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from ..peft.registration import check_local_adapter
+
     _writer(format)
     check_output_dir(output_dir, overwrite)
+    check_local_adapter(str(adapter))
     base = AutoModelForCausalLM.from_pretrained(base_model)
     model = PeftModel.from_pretrained(base, adapter)
     return export(model, output_dir, format, tokenizer=tokenizer or base_model, overwrite=overwrite, **options)

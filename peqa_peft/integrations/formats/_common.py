@@ -1,5 +1,5 @@
 """What every export format shares: collecting a merged PEQA model's integer layers and float tensors, the
-tokenizer, and writing an output directory atomically.
+tokenizer, and checking the output directory (written atomically by ``peqa_peft.integrations.outputs``).
 
 A PEQA model (a ``PeftModel`` with PEQA adapters, or the ``merge_and_unload()`` result whose targeted layers are
 :class:`~peqa_peft.core.QuantLinear`) is a standard asymmetric integer weight-only model once the scale deltas are
@@ -10,11 +10,7 @@ modifying the model and without materialising any float weight, so every writer 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +22,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from ...core import QuantLinear, unpack_bits
+from ..outputs import OutputExistsError, OutputPathError, atomic_output_dir, check_output_path
 
 
 @dataclass
@@ -200,44 +197,19 @@ def load_tokenizer(model: nn.Module, tokenizer: Any = None):
         raise ValueError(f"no tokenizer found at '{source}' ({err}); pass tokenizer=... explicitly") from err
 
 
-class OutputExistsError(FileExistsError, ValueError):
-    """The output directory exists and is not empty (and overwriting was not asked for)."""
-
-
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing non-empty ``output_dir`` unless ``overwrite`` (before any work is done)."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"output path '{path}' exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise OutputExistsError(
-            f"output directory '{path}' exists and is not empty; pass overwrite=True (--overwrite)"
-        )
-    return path
+    """Refuse an unusable ``output_dir`` (a file, under a file, not writable) or an existing non-empty one unless
+    ``overwrite``, before any work is done (see :func:`peqa_peft.integrations.outputs.check_output_path`)."""
+    return check_output_path(output_dir, must_be_empty=True, overwrite=overwrite)
 
 
-@contextlib.contextmanager
-def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``output_dir``; on success it replaces ``output_dir`` by a rename.
-
-    Any exception removes the temporary directory, so a failed export leaves no (half-written) output and an
-    existing ``output_dir`` untouched.
-    """
-    path = check_output_dir(output_dir, overwrite).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any directory the user makes
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+__all__ = [
+    "ExportModel",
+    "OutputExistsError",
+    "OutputPathError",
+    "QuantWeight",
+    "atomic_output_dir",
+    "check_output_dir",
+    "collect",
+    "load_tokenizer",
+]

@@ -138,6 +138,31 @@ def _read_weights(model_id: str, hub_kwargs: dict) -> dict:
         raise ValueError(f"{model_id}: cannot read the adapter weights: {err}") from err
 
 
+def _looks_like_path(model_id: str) -> bool:
+    """A string that cannot be a Hub repo id (``name`` or ``owner/name``) but is meant as a local path."""
+    return os.path.isabs(model_id) or model_id.startswith((".", "~")) or model_id.count("/") > 1 or "\\" in model_id
+
+
+def check_local_adapter(model_id: str, subfolder: str | None = None) -> None:
+    """Name the missing file of a local adapter directory (PEFT would take the path for a Hub repo id and fail with
+    "Repo id must be in the form ...") and refuse a path that does not exist; a Hub id passes unchecked."""
+    from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+    path = os.path.join(model_id, subfolder or "")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            raise FileNotFoundError(f"adapter directory '{path}' has no {CONFIG_NAME}")
+        if not any(os.path.isfile(os.path.join(path, n)) for n in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+            raise FileNotFoundError(
+                f"adapter directory '{path}' has no {SAFETENSORS_WEIGHTS_NAME} (nor {WEIGHTS_NAME}): the adapter "
+                "weights are missing"
+            )
+    elif os.path.exists(path):
+        raise FileNotFoundError(f"adapter path '{path}' is a file; expected an adapter directory or a Hub repo id")
+    elif _looks_like_path(model_id):
+        raise FileNotFoundError(f"adapter directory '{path}' does not exist")
+
+
 def check_saved_adapter(model, model_id: str, config=None, existing=None, **kwargs) -> None:
     """Validate a saved adapter against ``model`` (the transformers model) before PEFT changes anything.
 
@@ -149,6 +174,7 @@ def check_saved_adapter(model, model_id: str, config=None, existing=None, **kwar
     from peft.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors import safe_open
 
+    check_local_adapter(model_id, kwargs.get("subfolder"))
     hub_kwargs = _hub_kwargs(kwargs)
     peft_type = config.peft_type if config is not None else _saved_peft_type(model_id, hub_kwargs)
     name = getattr(peft_type, "value", peft_type)

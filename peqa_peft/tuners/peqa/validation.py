@@ -14,6 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...core import QuantLinear, num_groups
+from ...integrations import validation
 
 PEQA_PARAM_NAMES = ("peqa_scale", "peqa_zero_point")
 
@@ -56,20 +57,16 @@ def check_adapter_weights(weights: dict[str, torch.Tensor], config: Any, model: 
         if parsed is None:
             continue  # modules_to_save and other non-PEQA tensors are PEFT's to check
         path, name = parsed
-        if not tensor.is_floating_point():
-            raise ValueError(f"{source}: tensor '{key}' has dtype {tensor.dtype}; PEQA deltas are floating point")
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"{source}: tensor '{key}' contains NaN or inf values")
+        # deltas may be negative or zero (they are added to s0), so only dtype and finiteness are checked
+        validation.check_dtype(tensor, "float", source, key)
+        validation.check_finite(tensor, source, key)
         if path not in modules:
             raise ValueError(f"{source}: tensor '{key}' names layer '{path}', which this model does not have")
         shape = expected_delta_shape(modules[path], config.group_size)
         if shape is None:
             raise ValueError(f"{source}: layer '{path}' is a {type(modules[path]).__name__}, not a linear layer")
-        if tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{source}: tensor '{key}' has shape {tuple(tensor.shape)}, layer '{path}' needs {shape} "
-                f"(bits={config.bits}, group_size={config.group_size}): the adapter does not fit this model"
-            )
+        why = f"layer '{path}' with bits={config.bits}, group_size={config.group_size}: the adapter does not fit"
+        validation.check_shape(tensor, shape, source, key, why)
         if name == "peqa_scale":
             present.add(path)
     recorded = (config.base_fingerprint or {}).get("layers", {})

@@ -14,6 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...core.qft.tensor import WEIGHT_FIELDS
+from ...integrations import validation
 
 _PARAM = "qft_weight"
 
@@ -40,14 +41,12 @@ def _weight_shape(module: nn.Module) -> Optional[tuple[int, int]]:
 
 def _check_fields(fields: dict[str, torch.Tensor], shape: tuple[int, int], where: str) -> None:
     codes, idx = fields["codes"], fields["outlier_idx"]
-    if codes.dtype != torch.uint8 or tuple(codes.shape) != shape:
-        raise ValueError(f"{where}: codes must be uint8 of shape {shape}, got {codes.dtype} {tuple(codes.shape)}")
-    for name in ("scale", "zero_point", "outlier_val"):
-        tensor = fields[name]
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise ValueError(f"{where}: '{name}' must be a finite floating point tensor")
-    if (fields["scale"] <= 0).any():
-        raise ValueError(f"{where}: 'scale' must be positive")
+    validation.check_dtype(codes, "uint8", where, "codes")
+    validation.check_shape(codes, shape, where, "codes")
+    validation.check_scales(fields["scale"], where, "scale")
+    for name in ("zero_point", "outlier_val"):
+        validation.check_dtype(fields[name], "float", where, name)
+        validation.check_finite(fields[name], where, name)
     if idx.is_floating_point() or idx.shape != fields["outlier_val"].shape:
         raise ValueError(f"{where}: 'outlier_idx' must be integers, one per outlier value")
     if idx.numel() and (idx.min() < 0 or idx.max() >= shape[0] * shape[1] or (idx[1:] <= idx[:-1]).any()):

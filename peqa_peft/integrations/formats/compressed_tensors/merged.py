@@ -4,12 +4,14 @@
 :class:`~peqa_peft.core.QuantLinear`. transformers' own ``save_pretrained`` would write those layers' private buffers,
 which only peqa_peft can read; instead the returned model gets these two methods (bound to that instance only), so
 ``merged.save_pretrained(dir)`` writes the compressed-tensors checkpoint of :mod:`.compressed_tensors` that plain
-``AutoModelForCausalLM.from_pretrained(dir)`` and vLLM load, plus a model card.
+``AutoModelForCausalLM.from_pretrained(dir)`` and vLLM load, plus a model card. The directory is replaced atomically
+and never keeps files of an earlier save (see :func:`save_pretrained`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import types
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from torch import nn
+
+from ...outputs import OutputExistsError, atomic_output_dir, check_output_path
 
 CARD_HEADING = "## Quantized with PEQA (peqa_peft)"
 MARKER = "_peqa_peft_compressed_save"
@@ -51,40 +55,89 @@ def _card(out_dir: Path, model: nn.Module, exported) -> None:
     _set_section(str(out_dir), CARD_HEADING, lines, {"peqa_peft", "peqa", "compressed-tensors"}, base)
 
 
+# What an existing target directory may hold without being refused (see `save_pretrained`):
+# - files of an earlier model save, which the new checkpoint supersedes (dropped): transformers' weights and index
+#   files, any shard set, config.json, generation_config.json, and the temporary directories of earlier versions;
+_SUPERSEDED = re.compile(
+    r"^(config\.json|generation_config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)"
+    r"|(model\.safetensors|pytorch_model\.bin)\.index\.json|\.peqa-save-.*)$"
+)
+# - the model card (kept, our section refreshed) and the tokenizer (kept unless a new one is passed).
+_TOKENIZER_FILES = frozenset(
+    (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "tokenizer.model",
+        "spiece.model",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "chat_template.jinja",
+        "chat_template.json",
+    )
+)
+
+
+def foreign_files(directory: Path) -> list[str]:
+    """The entries of ``directory`` that a merged save neither supersedes nor keeps (e.g. an adapter's files)."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in directory.iterdir()
+        if not (_SUPERSEDED.match(p.name) or p.name == "README.md" or p.name in _TOKENIZER_FILES)
+    )
+
+
 def save_pretrained(
     self: nn.Module,
     save_directory: str | os.PathLike,
     tokenizer: Any = None,
     scale_dtype=None,
     zero_point_layout: str = "transformers",
+    overwrite: bool = False,
     **unused: Any,
 ) -> list[str]:
     """Write this merged PEQA model as a compressed-tensors checkpoint (+ model card) into ``save_directory``.
 
-    Like transformers' ``save_pretrained`` it writes into an existing directory, replacing only its own files; the
-    files are written into a temporary directory first and moved in at the end. Sharding/serialization keyword
-    arguments of transformers' method are accepted and ignored (one safetensors file is written).
+    The checkpoint is written into a fresh temporary directory beside ``save_directory``, which then replaces it in
+    one rename, so the result never mixes in files of an earlier save (an older shard set, an adapter) and a failed
+    or killed save leaves the previous directory as it was. Of the existing directory's files, the model card
+    (``README.md``, our section refreshed) and the tokenizer files (unless ``tokenizer`` is given) are carried
+    over; the weights and configs of an earlier model save are superseded. Any other file (e.g. an adapter's
+    ``adapter_config.json``) is refused up front, before anything is written: pass ``overwrite=True`` to replace
+    the whole directory (then nothing is carried over). Sharding/serialization keyword arguments of transformers'
+    method are accepted and ignored (one safetensors file is written).
     """
     from .. import _common
     from . import writer as compressed_tensors
 
+    out = check_output_path(save_directory)
+    foreign = foreign_files(out)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputExistsError(
+            f"'{save_directory}' holds files that are not part of a model save ({shown}); a merged save would leave "
+            "them beside the new checkpoint. Pass overwrite=True to replace the whole directory, or save elsewhere"
+        )
     exported = _common.collect(self)
     compressed_tensors.validate(exported, scale_dtype, zero_point_layout)
-    out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".peqa-save-") as tmp:
-        tmp_path = Path(tmp)
-        compressed_tensors.write(exported, tmp_path, scale_dtype=scale_dtype, zero_point_layout=zero_point_layout)
+    tok = _common.load_tokenizer(self, tokenizer) if tokenizer is not None else None
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        compressed_tensors.write(exported, tmp, scale_dtype=scale_dtype, zero_point_layout=zero_point_layout)
         if exported.generation_config is not None:
-            exported.generation_config.save_pretrained(tmp_path)
-        if tokenizer is not None:
-            _common.load_tokenizer(self, tokenizer).save_pretrained(tmp_path)
-        if (out / "README.md").exists():
-            shutil.copy(out / "README.md", tmp_path / "README.md")  # keep an existing card, refresh our section
-        _card(tmp_path, self, exported)
-        written = sorted(p.name for p in tmp_path.iterdir())
-        for name in written:
-            os.replace(tmp_path / name, out / name)
+            exported.generation_config.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        if not overwrite:  # carry over the card and (unless replaced) the tokenizer
+            keep = {"README.md"} | (_TOKENIZER_FILES if tok is None else set())
+            for name in sorted(keep):
+                if (out / name).is_file() and not (tmp / name).exists():
+                    shutil.copy2(out / name, tmp / name)
+        _card(tmp, self, exported)
+        written = sorted(p.name for p in tmp.iterdir())
     return [str(out / name) for name in written]
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ....core import QuantLinear, pack_bits
+from ....integrations.validation import check_quantized_layer
 
 
 @torch.no_grad()
@@ -27,16 +28,10 @@ def quant_linear_from_codes(
     right away; only this one layer's unpacked codes (1 byte per weight) exist meanwhile.
     """
     out_features, in_features = codes.shape
-    maxq = 2**bits - 1
-    if int(codes.min()) < 0 or int(codes.max()) > maxq:
-        raise ValueError(f"layer '{key}': codes outside [0, {maxq}] for {bits}-bit weights")
-    zero_point = zero_point.reshape(scale.shape)
-    if zero_point.is_floating_point() and not torch.equal(zero_point, zero_point.round()):
-        raise ValueError(f"layer '{key}': fractional zero-points cannot be stored as {bits}-bit integers")
-    if int(zero_point.min()) < 0 or int(zero_point.max()) > maxq:
-        raise ValueError(
-            f"layer '{key}': zero-points outside [0, {maxq}]; PEQA stores z0 as an unsigned {bits}-bit grid value"
-        )
+    zero_point = zero_point.reshape(scale.shape) if zero_point.numel() == scale.numel() else zero_point
+    # The same checks a saved adapter gets (a last line of defence: the backends' ``check`` ran them on the stored
+    # tensors already, for every layer before any was converted).
+    check_quantized_layer(f"layer '{key}'", bits, out_features, in_features, group_size, scale, zero_point, codes)
     layer = QuantLinear(
         in_features, out_features, bits, group_size, bias=bias is not None, device=torch.device("meta")
     )

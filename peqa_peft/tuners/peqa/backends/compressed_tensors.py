@@ -24,7 +24,13 @@ schemes (fp8, nvfp4, mxfp4), activation quantization, block strategy, dynamic we
 per-channel/per-group zero-points keep their *unpacked* shape ``(out, groups)``, while every checkpoint (any writer
 version) stores them packed along the output dimension, ``(ceil(out * bits / 32), groups)`` int32, so the default
 ``from_pretrained`` refuses every asymmetric pack-quantized checkpoint ("size mismatch for weight_zero_point"). The
-fix gives those placeholders the packed shape the checkpoint has; it is a no-op when the shapes already agree.
+fix gives those placeholders the packed shape the checkpoint has; it is a no-op when the shapes already agree. The
+same hook records, on each quantized layer, which of its tensors the checkpoint file stores, so that adoption can
+refuse a config that contradicts its tensors (transformers reports a ``weight_zero_point`` of a ``symmetric: true``
+scheme as UNEXPECTED and drops it, which would adopt asymmetric data as symmetric).
+
+Before any layer is replaced, every adopted layer's stored tensors pass :func:`check_tensors` (finite positive scales,
+dtypes, shapes, zero padding bits, zero-points in the grid: ``peqa_peft.integrations.validation``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 from torch import nn
 
 from ....core import QuantLinear, validate_bits
+from ....integrations import validation
 from ..config import PeqaConfig
 from ._build import expand_per_tensor, quant_linear_from_codes
 
@@ -45,6 +52,7 @@ _WEIGHT_STRATEGIES = ("channel", "group", "tensor")
 _PACKED_ZERO_POINT_STRATEGIES = ("channel", "group")  # compressed-tensors packs zero-points only for these
 _PLAIN_ACTORDER = (None, "weight", "static")  # orderings that leave the stored format unchanged
 _FIX_MARKER = "_peqa_peft_zero_point_fix"
+_RECORD = "_peqa_peft_checkpoint_tensors"  # (file, names of the layer's tensors in it), set while loading
 
 
 def matches(module: nn.Module) -> bool:
@@ -99,6 +107,71 @@ def check(module: nn.Module, config: PeqaConfig, key: str) -> None:
     if _storage(module) == "meta":
         raise ValueError(f"{what}, but its tensors are not loaded (meta device); load the model onto a device first")
     check_adopted_grid(*_grid(module), config, key, f"compressed-tensors {describe(module)}")
+    check_tensors(module, key)
+
+
+def check_tensors(module: nn.Module, key: str) -> None:
+    """The stored tensors of a layer, with the checks saved adapters get (``peqa_peft.integrations.validation``).
+
+    The scheme must agree with the tensors the checkpoint file stores (recorded while loading, see
+    :func:`install_compat_fixes`: transformers drops a tensor the scheme has no place for, e.g. the zero-points of a
+    checkpoint whose config says ``symmetric: true``, and leaves one the file lacks uninitialised); scales must be
+    finite and positive; integers and zero-points of the right dtype and shape, inside the grid, with zero padding
+    bits in packed words.
+    """
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    w = module.quantization_scheme.weights
+    bits, strategy = w.num_bits, _value(w.strategy)
+    out_features, in_features = module.out_features, module.in_features
+    record = getattr(module, _RECORD, None)
+    where = f"{record[0]}: layer '{key}'" if record else f"layer '{key}'"
+    if record:
+        scheme = f"'symmetric: {str(bool(w.symmetric)).lower()}' ({describe(module)})"
+        expected = {"weight_zero_point": not w.symmetric, "weight_scale": True}
+        has = {name: name in record[1] for name in expected}
+        validation.check_scheme_tensors(where, scheme, has, expected, "the checkpoint's quantization_config")
+    n_groups = in_features // w.group_size if strategy == "group" else 1
+    scale = module.weight_scale.detach()
+    if strategy == "tensor":
+        validation.check_shape(scale.reshape(-1), (1,), where, "weight_scale", "one scale per tensor")
+    else:
+        validation.check_shape(scale, (out_features, n_groups), where, "weight_scale", f"{strategy} strategy")
+    validation.check_scales(scale, where, "weight_scale")
+    storage = _storage(module)
+    if storage == "packed":
+        packed = module.weight_packed
+        validation.check_dtype(packed, "int", where, "weight_packed")
+        words = math.ceil(in_features * bits / 32)
+        validation.check_shape(packed, (out_features, words), where, "weight_packed", f"{bits}-bit codes, int32 words")
+        validation.check_padding_bits(packed, in_features * bits, where, "weight_packed", dim=1)
+    elif storage == "int":
+        validation.check_shape(module.weight, (out_features, in_features), where, "weight")
+        validation.check_grid(module.weight, bits, where, "weight", signed=True)
+    stored_shape = getattr(module, "weight_shape", None)
+    if isinstance(stored_shape, torch.Tensor) and stored_shape.device.type != "meta":
+        if stored_shape.tolist() != [out_features, in_features]:
+            raise ValueError(
+                f"{where}: 'weight_shape' says {stored_shape.tolist()}, the layer is {[out_features, in_features]}"
+            )
+    zp = getattr(module, "weight_zero_point", None)
+    if w.symmetric or zp is None:
+        return
+    zp = zp.detach()
+    if not zp.is_floating_point():  # float zero-points (some older writers) are checked to be integral below
+        validation.check_dtype(zp, "int", where, "weight_zero_point")
+    n_rows = 1 if strategy == "tensor" else out_features
+    if strategy in _PACKED_ZERO_POINT_STRATEGIES and zp.dtype == torch.int32 and zp.shape[0] != out_features:
+        if storage == "packed":
+            rows = _packed_zero_point_rows(out_features, bits)
+            validation.check_shape(zp, (rows, n_groups), where, "weight_zero_point", "packed along the outputs")
+            validation.check_padding_bits(zp, out_features * bits, where, "weight_zero_point", dim=0)
+            zp = unpack_from_int32(zp, bits, torch.Size((out_features, n_groups)), packed_dim=0)
+    if strategy == "tensor":
+        validation.check_shape(zp.reshape(-1), (1,), where, "weight_zero_point", "one zero-point per tensor")
+    else:
+        validation.check_shape(zp, (n_rows, n_groups), where, "weight_zero_point", f"{strategy} strategy")
+    validation.check_grid(zp, bits, where, "weight_zero_point", signed=True)
 
 
 def _has_reordered_groups(module: nn.Module) -> bool:
@@ -190,19 +263,36 @@ def _packed_zero_point_rows(out_features: int, bits: int) -> int:
     return math.ceil(out_features * bits / 32)
 
 
-def _stored_zero_point_rows(checkpoint_files) -> dict[str, int]:
-    """Rows of every ``*.weight_zero_point`` tensor in the checkpoint's safetensors files (headers only)."""
+def _stored_tensors(checkpoint_files) -> dict[str, tuple[str, dict[str, tuple[int, ...]]]]:
+    """Module name -> (file, {tensor name: shape}) for every tensor of the checkpoint's safetensors files.
+
+    Only the headers are read. Keys are split at their last dot (``model.layers.0.mlp.up_proj.weight_scale`` ->
+    module ``model.layers.0.mlp.up_proj``, tensor ``weight_scale``).
+    """
     from safetensors import safe_open
 
-    rows = {}
+    stored: dict[str, tuple[str, dict[str, tuple[int, ...]]]] = {}
     for file in checkpoint_files or ():
         if not str(file).endswith(".safetensors"):
             continue
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                if key.endswith(".weight_zero_point"):
-                    rows[key.removesuffix(".weight_zero_point")] = f.get_slice(key).get_shape()[0]
-    return rows
+                module, _, name = key.rpartition(".")
+                stored.setdefault(module, (str(file), {}))[1][name] = tuple(f.get_slice(key).get_shape())
+    return stored
+
+
+def _stored_zero_point_rows(stored) -> dict[str, int]:
+    """Rows of every ``*.weight_zero_point`` tensor in ``stored`` (see :func:`_stored_tensors`)."""
+    return {m: names["weight_zero_point"][0] for m, (_, names) in stored.items() if "weight_zero_point" in names}
+
+
+def _record_stored_tensors(model: nn.Module, stored) -> None:
+    """Note on each quantized layer which of its tensors the checkpoint file holds (checked when it is adopted)."""
+    for name, module in model.named_modules():
+        if getattr(module, "quantization_scheme", None) is not None and name in stored:
+            file, names = stored[name]
+            setattr(module, _RECORD, (file, frozenset(names)))
 
 
 def _pack_meta_zero_points(model: nn.Module, stored_rows: Optional[dict[str, int]] = None) -> int:
@@ -235,7 +325,8 @@ def _pack_meta_zero_points(model: nn.Module, stored_rows: Optional[dict[str, int
 
 
 def install_compat_fixes() -> bool:
-    """Install the zero-point shape repair on transformers' compressed-tensors quantizer (idempotent).
+    """Install the zero-point shape repair and the stored-tensor record on transformers' compressed-tensors quantizer
+    (idempotent).
 
     Returns ``False`` when transformers or compressed-tensors is not installed (nothing to repair).
     """
@@ -251,7 +342,10 @@ def install_compat_fixes() -> bool:
     def _process_model_before_weight_loading(self, model, **kwargs):
         result = original(self, model, **kwargs)
         files = kwargs.get("checkpoint_files")
-        _pack_meta_zero_points(model, _stored_zero_point_rows(files) if files else None)
+        stored = _stored_tensors(files) if files else None
+        _pack_meta_zero_points(model, _stored_zero_point_rows(stored) if files else None)
+        if stored:
+            _record_stored_tensors(model, stored)
         return result
 
     setattr(_process_model_before_weight_loading, _FIX_MARKER, True)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ....core import QuantLinear, unpack_bits, validate_bits
+from ....integrations import validation
 from ..config import PeqaConfig
 from ._build import quant_linear_from_codes
 
@@ -87,6 +88,7 @@ def check(module: nn.Module, config: PeqaConfig, key: str) -> None:
         raise ValueError(f"{what} with scales of shape {tuple(module.scales.shape)} for {in_features} inputs")
     if (in_features * module.bits) % 8 or (out_features * module.bits) % 8:
         raise ValueError(f"{what}: {in_features}x{out_features} codes of {module.bits} bits do not fill whole bytes")
+    _check_tensors(module, key, in_features, out_features, n_groups)
     g_idx = getattr(module, "g_idx", None)
     if g_idx is not None:
         trivial = torch.arange(in_features, device=g_idx.device) // (in_features // n_groups)
@@ -96,6 +98,27 @@ def check(module: nn.Module, config: PeqaConfig, key: str) -> None:
                 "needs contiguous groups. Re-quantize with desc_act=False (or llm-compressor's actorder='weight')."
             )
     check_adopted_grid(module.bits, group_size(module), config, key, _describe(module))
+
+
+def _check_tensors(module: nn.Module, key: str, in_features: int, out_features: int, n_groups: int) -> None:
+    """The checks saved adapters get (``peqa_peft.integrations.validation``): finite positive ``scales``, and
+    ``qweight``/``qzeros`` of exactly the shape their bit streams need (the codes and zero-points they decode to
+    are inside the grid by construction, so the shapes are what can be wrong)."""
+    where = f"layer '{key}'"
+    validation.check_scales(module.scales, where, "scales")
+    for name, lines, per_line in (("qweight", in_features, out_features), ("qzeros", out_features, n_groups)):
+        words = getattr(module, name)
+        word_bits = words.element_size() * 8
+        if (lines * module.bits) % word_bits:
+            raise ValueError(
+                f"{where}: {lines} {module.bits}-bit values do not fill whole {word_bits}-bit '{name}' words"
+            )
+        shape = (
+            (lines * module.bits // word_bits, per_line)
+            if name == "qweight"
+            else (per_line, lines * module.bits // word_bits)
+        )
+        validation.check_shape(words, shape, where, name, f"{module.bits}-bit values in {word_bits}-bit words")
 
 
 def _stream_bytes(words: torch.Tensor) -> torch.Tensor:
