@@ -272,7 +272,7 @@ def _train(cfg: TrainConfig, start: float) -> dict[str, Any]:
 
 def _log_tied_embeddings(model) -> None:
     """The one line saying what QFT made of a tied embedding pair (the CLI's log is stderr)."""
-    from .tuners.qft.model import tied_embeddings_note
+    from ..tuners.qft.model import tied_embeddings_note
 
     config = model.peft_config[model.active_adapter]
     note = tied_embeddings_note(config) if hasattr(config, "tied_embeddings") else None
