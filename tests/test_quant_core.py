@@ -256,3 +256,17 @@ def test_fractional_zero_point_checkpoint_keeps_its_dtype():
     fresh = QuantLinear(16, 4, 4)
     fresh.load_state_dict(state)
     assert fresh.zero_point.dtype == torch.float32 and torch.equal(fresh.zero_point, state["zero_point"])
+
+
+def test_fingerprint_sees_fractional_zero_points():
+    """GGUF Q4_1 / K-quant layers carry fractional zero-points (-m/d): two grids that differ only there must not
+    share a fingerprint (an int16 cast used to truncate them), while integral zero-points hash as they always did."""
+    torch.manual_seed(0)
+    q = QuantLinear.from_linear(torch.nn.Linear(64, 8), bits=4, group_size=32)
+    integral = q.fingerprint()
+    q.zero_point = q.zero_point.float()  # same values, float storage: same fingerprint
+    assert q.fingerprint() == integral
+    q.zero_point = q.zero_point + 0.25
+    a = q.fingerprint()
+    q.zero_point = q.zero_point + 0.25
+    assert q.fingerprint() not in (a, integral)

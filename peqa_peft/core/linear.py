@@ -166,7 +166,14 @@ class QuantLinear(nn.Module):
         scale = self.scale if scale is None else scale
         h = hashlib.sha256(f"{self.bits}|{self.group_size}|{self.out_features}x{self.in_features}".encode())
         h.update(scale.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-        h.update(self.zero_point.detach().to("cpu", torch.int16).numpy().tobytes())
+        zero = self.zero_point.detach().to("cpu")
+        if zero.is_floating_point() and not torch.equal(zero, zero.round()):
+            # Fractional zero-points (GGUF Q4_1/K-quant mins, merged zero-point deltas) enter like s0, rounded to
+            # bfloat16: truncating them to integers would let two different grids share a fingerprint.
+            h.update(b"z:bf16")
+            h.update(zero.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+        else:  # integral zero-points hash as before, so existing adapters keep their fingerprints
+            h.update(zero.to(torch.int16).numpy().tobytes())
         return h.hexdigest()[:16]
 
     def memory_bytes(self) -> dict[str, int]:
