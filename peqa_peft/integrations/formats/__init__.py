@@ -1,0 +1,1 @@
+"""Readers and writers of quantized checkpoint formats (one sub-package per format)."""
