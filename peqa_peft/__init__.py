@@ -25,6 +25,7 @@ from .tuners.peqa.backends.compressed_tensors import install_compat_fixes  # noq
 install_compat_fixes()
 # from_pretrained(..., quantization_config=PeqaQuantizationConfig(bits=4)) quantizes while loading
 _register_quantizer()
+from .integrations.formats.gguf.reader import load_gguf, load_gguf_tokenizer  # noqa: E402
 from .utils import quantized_layer_bytes  # noqa: E402
 
 __version__ = "0.1.0"
@@ -40,6 +41,8 @@ __all__ = [
     "__version__",
     "compute_qparams",
     "fake_quantize",
+    "load_gguf",
+    "load_gguf_tokenizer",
     "pack_bits",
     "quantized_layer_bytes",
     "unpack_bits",
