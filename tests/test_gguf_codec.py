@@ -365,6 +365,13 @@ def test_k_quant_encode_exact_only_when_it_factors(t, quantized_dir):
     assert got is not None
     assert_same_weight(t, decode(t, got, 256), (codes, moved, zero))
     assert codec._unpack(t, got[:1]).sc[0, 1] == int(round(float(moved[0, 1]) / float(f.d[0])))
+    if g.fractional_zero:  # a zero one float32 ulp off: the min still factors to 2**-20, the weight does not
+        nudged = zero.clone().view(-1)
+        i = int((zero.abs() * (scale != 0)).view(-1).argmax())
+        nudged[i] = torch.nextafter(nudged[i], torch.tensor(float("inf")))
+        nudged = nudged.view(zero.shape)
+        assert not np.array_equal(peqa_w(codes, scale, nudged, t), peqa_w(codes, scale, zero, t))
+        assert encode(t, codes, scale, nudged) is None
     # a generic tuned scale does not factor
     tuned = scale * (1 + 0.01 * torch.randn(scale.shape, generator=torch.Generator().manual_seed(0)))
     assert encode(t, codes, tuned, zero) is None
@@ -415,3 +422,34 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="fixed zero-point"):
         c, s, z = decode("Q6_K", one_block("Q6_K"), 256)
         encode_requantized("Q6_K", c, s * 1.01, z.float() + 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# llama.cpp's own C dequantization (libggml-base from llama-cpp-python), not only gguf-py's port of it
+
+
+def ggml_dequantize(t, raw):
+    """``dequantize_row_<type>`` of the libggml that llama-cpp-python ships, on (rows, bytes) blocks."""
+    import ctypes
+    from pathlib import Path
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    lib = Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"
+    if not lib.exists():
+        pytest.skip(f"no {lib}")
+    fn = getattr(ctypes.CDLL(str(lib)), f"dequantize_row_{t.lower().replace('_k', '_K')}")
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    raw = np.ascontiguousarray(raw)
+    out = np.empty(raw.size // GRIDS[t].type_size * GRIDS[t].block_size, dtype=np.float32)
+    fn(raw.ctypes.data, out.ctypes.data, out.size)
+    return out.reshape(raw.shape[0], -1)
+
+
+@pytest.mark.parametrize("t", ADOPTABLE)
+def test_decode_matches_llama_cpp_c_code(t, monkeypatch):
+    g = GRIDS[t]
+    raw = random_blocks(t, 512, seed=6).reshape(64, -1)
+    ref = ggml_dequantize(t, raw)
+    np.testing.assert_array_equal(ref, gguf.quants.dequantize(raw, gtype(t)))  # the two owners agree
+    monkeypatch.setattr(gguf.quants, "dequantize", lambda raw, qtype: ggml_dequantize(qtype.name, raw))
+    assert_matches_gguf(t, raw, *decode(t, raw, 8 * g.block_size))
