@@ -453,3 +453,15 @@ def test_decode_matches_llama_cpp_c_code(t, monkeypatch):
     np.testing.assert_array_equal(ref, gguf.quants.dequantize(raw, gtype(t)))  # the two owners agree
     monkeypatch.setattr(gguf.quants, "dequantize", lambda raw, qtype: ggml_dequantize(qtype.name, raw))
     assert_matches_gguf(t, raw, *decode(t, raw, 8 * g.block_size))
+
+
+@pytest.mark.parametrize("t", ["Q4_1", "Q4_K", "Q6_K"])
+def test_w_is_what_quantlinear_computes(t):
+    """The "W" these tests compare is PEQA's own reference dequantization (dequantize_codes), bit for bit."""
+    from peqa_peft.quant.functional import dequantize_codes
+
+    g = GRIDS[t]
+    codes, scale, zero = decode(t, random_blocks(t, 64, seed=7).reshape(8, -1), 8 * g.block_size)
+    np.testing.assert_array_equal(
+        dequantize_codes(codes, scale, zero, torch.float32).numpy(), peqa_w(codes, scale, zero, t)
+    )
