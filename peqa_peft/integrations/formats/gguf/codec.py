@@ -37,7 +37,7 @@ byte-identical.
 ``encode`` is the inverse: for the legacy types it rounds d (and m) to the type's fp16 storage; for the K-quants it
 returns blocks only when the per-group scales and mins factor exactly into fp16 ``d``/``dmin`` times the type's
 integer sub-scales (checked by decoding the result), which holds for untouched layers and almost never after
-tuning; ``encode_requantized`` re-fits them (least squares over the integer sub-scales), keeping the codes.
+tuning; ``encode_requantized`` re-fits them (grid plus least-squares search), keeping the codes.
 """
 
 from __future__ import annotations
@@ -513,11 +513,16 @@ def encode_requantized(type_name: str, codes, scale, zero, iterations: int = 4) 
     """Blocks of ``type_name`` approximating ``W = scale*(codes-zero)`` with the codes kept; and the relative
     Frobenius error ``|W_blocks - W| / |W|`` they introduce.
 
-    K-quants: the super-block ``d``/``dmin`` and the integer sub-scales/mins are re-fitted to the tuned per-group
-    scales and mins by alternating least squares (integers rounded given d/dmin, d/dmin solved given the
-    integers, fp16 rounding included), starting from llama.cpp's own choice (largest group -> end of the range).
-    When :func:`encode` is exact its blocks are returned with error 0.0. Legacy types: :func:`encode` (fp16
-    rounding) and its error; ``ValueError`` when that type cannot hold the weight at all.
+    K-quants: per super-block, fp16 ``d``/``dmin`` and the integer sub-scales/mins minimising the squared weight
+    error: starting from llama.cpp's own choice (largest group at the end of the range), ``iterations`` rounds of a
+    +-5% grid over ``d`` then ``dmin`` (as llama.cpp's ``make_qkx`` searches its scale) and the least-squares
+    ``d``/``dmin`` given the integers; for each candidate the best integers per group (the floor/ceil corners of
+    the continuous optimum). When :func:`encode` is exact its blocks are returned (error 0.0). Legacy types:
+    :func:`encode` (fp16 rounding) and its error; ``ValueError`` when the type cannot hold the weight at all.
+
+    The sub-scales' resolution (1/63 of the largest group's scale for Q4_K/Q5_K, 1/15 for Q2_K) bounds what a
+    re-fit keeps of a small tuning delta: on Gemma 3 270M's blk.0 layers with scales moved by 1% (random), the
+    error is 0.67% for Q4_K and 0.29% for Q6_K (vs 1% for the untuned file); with 0.2% it is 0.195% for both.
     """
     c, s, z = _as_numpy(type_name, codes, scale, zero)
     g = GRIDS[type_name]
