@@ -230,6 +230,35 @@ def test_tuned_k_quant_export(quantized_dir, tmp_path, mode):
         assert all(0 <= e < 0.05 for e in errors), errors
 
 
+def test_adapter_reloads_onto_the_gguf_in_a_fresh_process(quantized_dir, tmp_path):
+    """save_pretrained -> (new interpreter) load_gguf + PeftModel.from_pretrained: same logits; base path recorded."""
+    import json
+    import os
+    import subprocess
+
+    path = llama_cpp_quantized(quantized_dir, "Q4_K_M", pure=False)
+    model = get_peft_model(load_gguf(path), PeqaConfig(adopt_checkpoint_grid=True, task_type="CAUSAL_LM"))
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(1))
+    _tune(model, ids, lr=1e-4)
+    with torch.no_grad():
+        ours = model(ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(path.absolute()) and saved["adopt_checkpoint_grid"] is True
+    script = f"""
+import json, torch, peqa_peft
+from peft import PeftModel
+model = PeftModel.from_pretrained(peqa_peft.load_gguf({str(path)!r}), {str(tmp_path / "adapter")!r}).eval()
+with torch.no_grad():
+    print(json.dumps(model(torch.tensor({ids.tolist()!r})).logits.tolist()))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO)] + sys.path)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
 def test_refusals(smol_path, tmp_path, quantized_dir):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_gguf(tmp_path / "missing.gguf")
