@@ -280,7 +280,7 @@ def load_gguf(
         mapping = get_gguf_hf_weights_map(model, processor)
 
     head = model.get_output_embeddings()
-    refs, float_linears, loaded = [], [], set()
+    refs, float_linears = [], []
     direct: dict[str, Any] = {"tensors": {}}
     for tensor in reader.tensors:
         type_name = tensor.tensor_type.name
@@ -313,7 +313,6 @@ def load_gguf(
                 layer = _quant_linear(codec, type_name, np.asarray(tensor.data), module, perm)
                 model.set_submodule(module_name, layer)
                 refs.append(GGUFTensorRef(tensor.name, type_name, hf_name, True, _perm_tuple(perm), linear=True))
-                loaded.add(hf_name)
                 continue
             if adopt:
                 float_linears.append(f"{hf_name.removesuffix('.weight')} ({type_name}: {why})")
@@ -328,10 +327,8 @@ def load_gguf(
         if target is None:
             continue
         _assign(model, target, torch.from_numpy(np.copy(result.weights)).to(dtype))
-        loaded.add(target)
     for name, value in direct["tensors"].items():  # tensors some processors place themselves (MoE experts, GPT-2 head)
         _assign(model, name, value.to(dtype))
-        loaded.add(name)
     model.tie_weights()
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
     if missing:
