@@ -13,7 +13,9 @@ model-size accounting of benchmarks/load_memory.py):
   minmax so that the time is not dominated by the MSE clipping search) + the same steps.
 
 Reported per mode: seconds to load (+ get_peft_model), seconds per training step (batch 1 x ``--seq-len`` random
-tokens), peak RSS (``VmHWM``) and peak anonymous RSS, each also minus the after-imports baseline.
+tokens), peak RSS (``VmHWM``) and peak anonymous RSS, each also minus the after-imports baseline. With the default
+``PEQA_KERNELS=compiled`` the first steps include torch.compile of each layer shape (minutes on a loaded 2-core
+machine); ``PEQA_KERNELS=eager`` measures the uncompiled kernels.
 
 ``perplexity``: WikiText-2 test perplexity computed by llama.cpp (benchmarks/gguf_perplexity.py's scorer, same token
 windows) of the source file, of our untuned export (byte-identical to it) and of our export after ``--steps`` PEQA
@@ -181,6 +183,8 @@ def main(argv=None) -> None:
 
     path = Path(args.model) if args.model.endswith(".gguf") else model_zoo.gguf_path(args.model)
     machine = {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()}
+    machine["peqa_kernels"] = os.environ.get("PEQA_KERNELS", "compiled")
+    machine["load_average"] = Path("/proc/loadavg").read_text().split()[:3]
     if args.what == "perplexity":
         result = {
             "model": str(path),

@@ -24,6 +24,7 @@ from peqa_peft import PeqaConfig, QuantLinear, model_zoo
 from peqa_peft.export import export
 from peqa_peft.integrations.formats.gguf import codec, source_writer
 from peqa_peft.integrations.formats.gguf.reader import gguf_source, load_gguf
+from peqa_peft.quant.kernels import kernels
 
 sys.path.insert(0, str(REPO / "tests"))
 from test_export import run_fresh  # noqa: E402  (fresh interpreter without this repository on its path)
@@ -328,16 +329,19 @@ def test_smollm2_round_trip_through_llama_cpp(smol, smol_path, tmp_path, data_di
     prompt = "The capital of France is"
     ids = tokenizer(prompt).input_ids
     n = 16
-    untuned = _greedy(smol, ids, n)
-    model = get_peft_model(smol, PeqaConfig(bits=4, group_size=32, task_type="CAUSAL_LM"))
-    try:
-        text = load_eval_text("wikitext2", data_dir)[:4000]
-        train_ids = torch.tensor([tokenizer(text).input_ids[:256]])
-        _tune(model, train_ids, steps=3, lr=1e-2)
-        tuned = _greedy(model, ids, n)
-        out = export(model, tmp_path / "tuned", format="gguf")
-    finally:
-        model.unload()
+    # uncompiled kernels (same results): compiling each layer shape costs minutes on a loaded 2-core machine, and the
+    # kernels are not what this test is about (tests/test_fast_paths.py compares them with the reference)
+    with kernels("eager"):
+        untuned = _greedy(smol, ids, n)
+        model = get_peft_model(smol, PeqaConfig(bits=4, group_size=32, task_type="CAUSAL_LM"))
+        try:
+            text = load_eval_text("wikitext2", data_dir)[:4000]
+            train_ids = torch.tensor([tokenizer(text).input_ids[:128]])
+            _tune(model, train_ids, steps=3, lr=1e-2)
+            tuned = _greedy(model, ids, n)
+            out = export(model, tmp_path / "tuned", format="gguf")
+        finally:
+            model.unload()
     assert tuned != untuned, "the tuning must change the greedy tokens, or this test could not fail"
     got = run_fresh(
         LLAMA_CPP_OPEN
