@@ -124,9 +124,9 @@ def perplexity(path: Path, steps: int, seq_len: int, max_tokens: int, lr: float)
     from peft import get_peft_model
 
     from peqa_peft import PeqaConfig, load_gguf, load_gguf_tokenizer
-    from peqa_peft.data import format_alpaca
-    from peqa_peft.evaluate import load_eval_text
-    from peqa_peft.export import export
+    from peqa_peft.integrations.formats import export
+    from peqa_peft.workflows.data import format_alpaca
+    from peqa_peft.workflows.evaluate import load_eval_text
 
     model = load_gguf(path)
     tokenizer = load_gguf_tokenizer(model)
@@ -179,7 +179,7 @@ def main(argv=None) -> None:
     parser.add_argument("--mode", choices=MODES, help="internal: measure one mode in this process")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    from peqa_peft import model_zoo
+    from peqa_peft.workflows import model_zoo
 
     path = Path(args.model) if args.model.endswith(".gguf") else model_zoo.gguf_path(args.model)
     machine = {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()}

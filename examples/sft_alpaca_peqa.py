@@ -22,8 +22,8 @@ from trl import SFTConfig, SFTTrainer
 
 import peqa_peft  # noqa: F401  (registers PEQA with PEFT)
 from peqa_peft import PeqaConfig
-from peqa_peft.data import load_instruction_dataset
-from peqa_peft.evaluate import load_eval_text, perplexity
+from peqa_peft.workflows.data import load_instruction_dataset
+from peqa_peft.workflows.evaluate import load_eval_text, perplexity
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,11 +20,12 @@ from gguf_fixtures import LLAMA_FTYPES, llama_cpp_quantized
 from peft import get_peft_model
 
 import peqa_peft
-from peqa_peft import PeqaConfig, QuantLinear, model_zoo
-from peqa_peft.export import export
+from peqa_peft import PeqaConfig, QuantLinear
+from peqa_peft.core.kernels import kernels
+from peqa_peft.integrations.formats import export
 from peqa_peft.integrations.formats.gguf import codec, source_writer
 from peqa_peft.integrations.formats.gguf.reader import gguf_source, load_gguf
-from peqa_peft.quant.kernels import kernels
+from peqa_peft.workflows import model_zoo
 
 sys.path.insert(0, str(REPO / "tests"))
 from test_export import run_fresh  # noqa: E402  (fresh interpreter without this repository on its path)
@@ -323,7 +324,7 @@ def test_smollm2_round_trip_through_llama_cpp(smol, smol_path, tmp_path, data_di
     """Unmodified file: llama.cpp's greedy tokens == ours. Adopt -> 3 AdamW steps on the scales -> export: the
     tuned file, read by llama.cpp in a process that never imports peqa_peft, generates our tuned tokens."""
     pytest.importorskip("llama_cpp")
-    from peqa_peft.evaluate import load_eval_text
+    from peqa_peft.workflows.evaluate import load_eval_text
 
     tokenizer = peqa_peft.load_gguf_tokenizer(smol)
     prompt = "The capital of France is"

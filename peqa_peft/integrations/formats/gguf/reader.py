@@ -2,7 +2,7 @@
 
 ``load_gguf(path)`` returns a transformers ``PreTrainedModel`` in which every linear layer stored in a block type PEQA
 can represent exactly (:data:`codec.ADOPTABLE`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K ... Q6_K) is a
-:class:`~peqa_peft.quant.QuantLinear` holding the file's integer codes ``q``, scales ``s`` and zero-points ``z`` (so
+:class:`~peqa_peft.core.QuantLinear` holding the file's integer codes ``q``, scales ``s`` and zero-points ``z`` (so
 ``s * (q - z)`` is gguf-py's dequantization of the tensor), and everything else is what transformers' own GGUF
 loader would give. ``get_peft_model(model, PeqaConfig(...))`` then adopts those layers through the ``quant_linear``
 backend: PEQA tunes the file's scales, nothing is re-quantized.
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ....quant import QuantLinear, pack_bits
+from ....core import QuantLinear, pack_bits
 
 SOURCE_ATTRIBUTE = "peqa_gguf_source"
 

@@ -34,8 +34,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ....quant import QuantLinear, unpack_bits
-from ....tuners.peqa.layer import PeqaLayer
+from ....core import QuantLinear, unpack_bits
 from .reader import GGUFSource, GGUFTensorRef, gguf_source
 
 GGUF_FILE = "model.gguf"
@@ -49,15 +48,9 @@ def _base_model(model: nn.Module) -> nn.Module:
     return inner() if callable(inner) else model
 
 
-def _merged_qparams(layer: PeqaLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """``s0 + delta_s`` and ``z0 (+ delta_z)`` of the active adapters (what ``merge`` would put into the base)."""
-    base = layer.get_base_layer()
-    if layer.merged or layer.disable_adapters:
-        return base.scale, base.zero_point
-    delta_scale, delta_zero = layer._deltas(layer.active_adapters)
-    scale = base.scale if delta_scale is None else base.scale + delta_scale.detach().to(base.scale.dtype)
-    zero = base.zero_point if delta_zero is None else base.zero_point.float() + delta_zero.detach().float()
-    return scale, zero
+def _is_peqa_layer(module: nn.Module) -> bool:
+    # tuners.peqa.layer.PeqaLayer, duck-typed: formats sit below the tuners (as formats/_common.py does)
+    return isinstance(module, BaseTunerLayer) and callable(getattr(module, "merged_qparams", None))
 
 
 def quantized_layers(model: nn.Module) -> dict[str, tuple[QuantLinear, torch.Tensor, torch.Tensor]]:
@@ -68,8 +61,8 @@ def quantized_layers(model: nn.Module) -> dict[str, tuple[QuantLinear, torch.Ten
     hf = _base_model(model)
     out = {}
     for name, module in hf.named_modules():
-        if isinstance(module, PeqaLayer):
-            scale, zero = _merged_qparams(module)
+        if _is_peqa_layer(module):
+            scale, zero = module.merged_qparams()
             out[name] = (module.get_base_layer(), scale.detach().cpu(), zero.detach().cpu())
         elif isinstance(module, QuantLinear) and not name.endswith(".base_layer"):
             out[name] = (module, module.scale.detach().cpu(), module.zero_point.detach().cpu())
@@ -176,7 +169,7 @@ def _layer_blocks(
 def _current_tensor(hf: nn.Module, name: str) -> Optional[torch.Tensor]:
     module_name, _, attr = name.rpartition(".")
     module = hf.get_submodule(module_name) if module_name else hf
-    if isinstance(module, PeqaLayer):
+    if _is_peqa_layer(module):
         module = module.get_base_layer()
     return getattr(module, attr, None)
 
