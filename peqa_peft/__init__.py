@@ -32,6 +32,7 @@ install_compat_fixes()
 _register_quantizer()
 from ._version import __version__  # noqa: E402
 from .core.layer_memory import quantized_layer_bytes  # noqa: E402
+from .integrations.formats.gguf.reader import load_gguf, load_gguf_tokenizer  # noqa: E402
 
 __all__ = [
     "IntLion",
@@ -44,6 +45,8 @@ __all__ = [
     "__version__",
     "compute_qparams",
     "fake_quantize",
+    "load_gguf",
+    "load_gguf_tokenizer",
     "pack_bits",
     "quantized_layer_bytes",
     "unpack_bits",

@@ -65,7 +65,9 @@ _seq_len = _int_at_least(2, "at least 2 tokens")
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune on Alpaca with SFTTrainer (peqa, qft, lora, qlora)")
-    p.add_argument("--model", required=True, help="Hub id or local path of a causal LM")
+    p.add_argument(
+        "--model", required=True, help="Hub id or local path of a causal LM, a .gguf file or a zoo name (smollm2-135m)"
+    )
     p.add_argument("--method", choices=METHODS, default="peqa")
     p.add_argument("--output-dir", required=True, help="where the adapter, card and summary are written")
     p.add_argument("--dataset", default=None, help="Hub id (tatsu-lab/alpaca) or local JSON/JSONL; default bundled")
@@ -111,7 +113,7 @@ def add_train_parser(sub) -> None:
 
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity (WikiText-2, PTB, a text file) and 5-shot MMLU")
-    p.add_argument("--model", required=True, help="Hub id or local path of the base model")
+    p.add_argument("--model", required=True, help="Hub id or local path of the base model, a .gguf file or a zoo name")
     p.add_argument("--adapter", default=None, help="adapter directory or Hub id (PEQA, QFT, LoRA)")
     p.add_argument("--bits", type=_bits, default=None, help="evaluate the base quantized to this many bits")
     p.add_argument("--group-size", type=_int_or_none, default=None)

@@ -134,18 +134,28 @@ def load_for_eval(
     import peqa_peft  # noqa: F401  (registers the PEFT types)
 
     from .data import looks_like_local_path
+    from .model_zoo import gguf_file
 
-    for path, what in ((model_name, "model"), (adapter, "adapter")):
+    gguf = gguf_file(model_name)  # a .gguf file or zoo name: loaded with load_gguf (its own blocks adopted)
+    for path, what in (() if gguf else ((model_name, "model"),)) + ((adapter, "adapter"),):
         if path and looks_like_local_path(path) and not Path(path).expanduser().exists():
             raise FileNotFoundError(f"{what} directory {path} does not exist")
     if bits and (adapter or load_in_4bit):
         raise ValueError("--bits quantizes the base itself; it cannot be combined with --adapter or --load-in-4bit")
-    tokenizer = AutoTokenizer.from_pretrained(model_name)
-    if load_in_4bit:
+    if gguf is not None:
+        from ..integrations.formats.gguf.reader import load_gguf, load_gguf_tokenizer
+
+        if load_in_4bit:
+            raise ValueError("--load-in-4bit re-quantizes a float model; a GGUF file is loaded with its own blocks")
+        model = load_gguf(gguf, dtype)
+        tokenizer = load_gguf_tokenizer(model)
+    elif load_in_4bit:
         from .models import load_nf4_model
 
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
         model = load_nf4_model(model_name, dtype)
     else:
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
         model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     if adapter:
         try:
@@ -153,7 +163,9 @@ def load_for_eval(
         except RuntimeError as err:  # shape mismatches from load_state_dict
             raise ValueError(f"adapter {adapter} does not fit model {model_name}: {err}") from err
     elif bits:
-        config = peqa_peft.PeqaConfig(bits=bits, group_size=group_size, init_method=quant_method)
+        config = peqa_peft.PeqaConfig(
+            bits=bits, group_size=group_size, init_method=quant_method, adopt_checkpoint_grid=gguf is not None
+        )
         model = get_peft_model(model, config)
     return model.eval(), tokenizer
 

@@ -72,10 +72,23 @@ def gguf_path(name: str) -> Path:
     return path
 
 
+def gguf_file(name: str | os.PathLike) -> Path | None:
+    """The GGUF file ``name`` stands for (a ``.gguf`` path, or a zoo model name), else ``None`` (a Hub id / HF dir).
+
+    The CLI's ``--model`` loads such a file with :func:`peqa_peft.load_gguf` (the file's own blocks adopted).
+    """
+    if str(name).endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file '{name}' does not exist")
+        return path
+    return gguf_path(str(name)) if str(name) in MODELS else None
+
+
 def _model(name: str) -> ZooModel:
     if name not in MODELS:
         raise ValueError(f"unknown zoo model '{name}'; choose one of {', '.join(MODELS)}")
     return MODELS[name]
 
 
-__all__ = ["MODELS", "ZooModel", "available", "cache_dir", "gguf_path"]
+__all__ = ["MODELS", "ZooModel", "available", "cache_dir", "gguf_file", "gguf_path"]

@@ -234,18 +234,35 @@ def _train(cfg: TrainConfig, start: float) -> dict[str, Any]:
     from peft import get_peft_model
     from transformers import AutoConfig, AutoTokenizer, set_seed
 
+    from .model_zoo import gguf_file
+
     checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
-    check_model_config(AutoConfig.from_pretrained(cfg.model), cfg.seq_len)
+    gguf = gguf_file(cfg.model)  # a .gguf file or zoo name: loaded with load_gguf, its own blocks adopted
+    if gguf is not None and cfg.method == "qlora":
+        raise ValueError("--method qlora re-quantizes a float model to NF4; use --method peqa/lora with a GGUF file")
+    if gguf is None:
+        check_model_config(AutoConfig.from_pretrained(cfg.model), cfg.seq_len)
     dataset = load_instruction_dataset(cfg.dataset, max_samples=cfg.max_samples, seed=cfg.seed)
     peft_config = peft_config_for(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    if gguf is not None and cfg.method == "peqa":
+        peft_config.adopt_checkpoint_grid = True  # the file's layers keep their own grid (e.g. Q4_K_M's mix)
+    if gguf is not None:
+        from ..integrations.formats.gguf.reader import load_gguf, load_gguf_config, load_gguf_tokenizer
+
+        check_model_config(load_gguf_config(gguf), cfg.seq_len)
+        tokenizer = load_gguf_tokenizer(gguf)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     set_seed(cfg.seed)
     # PEQA quantizes the weights as stored (float32 for most checkpoints), not a bf16 rounding of them: the codes, and
     # so the adapter's base fingerprint, are then the same whatever dtype the model is trained or evaluated in.
     quantize_as_stored = cfg.method == "peqa" and cfg.bf16
-    base = load_base_model(cfg.model, cfg.method, cfg.bf16 and not quantize_as_stored)
+    if gguf is not None:
+        base = load_gguf(gguf, torch.bfloat16 if cfg.bf16 and not quantize_as_stored else torch.float32)
+    else:
+        base = load_base_model(cfg.model, cfg.method, cfg.bf16 and not quantize_as_stored)
     check_has_linear_layers(base)
     model = get_peft_model(base, peft_config)
     _log_tied_embeddings(model)

@@ -58,8 +58,23 @@ def export(
         tokenizer: a tokenizer or its path; default: the one saved beside the base model (required).
         overwrite: replace an existing ``output_dir`` (only after the new export has been written completely).
         options: format-specific keyword arguments (``scale_dtype`` for compressed-tensors, ``float_type`` /
-            ``pre_tokenizer`` for gguf, ``checkpoint_format`` for gptq).
+            ``pre_tokenizer`` for gguf, ``checkpoint_format`` for gptq). A model loaded with
+            ``peqa_peft.load_gguf`` is exported to ``format="gguf"`` by rewriting its source file
+            (:mod:`peqa_peft.integrations.formats.gguf.source_writer`; options ``k_quants="exact"|"requantize"``).
     """
+    if format == "gguf" and _gguf_source(model) is not None:
+        # loaded with peqa_peft.load_gguf: rewrite the source file (same metadata, tensors and types)
+        from .gguf import source_writer
+
+        if tokenizer is not None:
+            raise ValueError(
+                "tokenizer=... does not apply: a model loaded from GGUF keeps the source file's tokenizer"
+            )
+        check_output_dir(output_dir, overwrite)
+        source_writer.validate(model, **options)
+        with atomic_output_dir(output_dir, overwrite) as tmp:
+            source_writer.write(model, tmp, **options)
+        return Path(output_dir)
     writer = _writer(format)
     check_output_dir(output_dir, overwrite)
     exported = collect(model)
@@ -72,6 +87,12 @@ def export(
             if exported.generation_config is not None:
                 exported.generation_config.save_pretrained(tmp)
     return Path(output_dir)
+
+
+def _gguf_source(model: nn.Module):
+    from .gguf.reader import gguf_source
+
+    return gguf_source(model)
 
 
 def export_adapter(
@@ -95,6 +116,13 @@ def export_adapter(
     _writer(format)
     check_output_dir(output_dir, overwrite)
     check_local_adapter(str(adapter))
-    base = AutoModelForCausalLM.from_pretrained(base_model)
+    if str(base_model).endswith(".gguf"):
+        from .gguf.reader import load_gguf
+
+        base = load_gguf(base_model)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_model)
     model = PeftModel.from_pretrained(base, adapter)
+    if str(base_model).endswith(".gguf"):  # the source file holds the tokenizer
+        return export(model, output_dir, format, tokenizer=tokenizer, overwrite=overwrite, **options)
     return export(model, output_dir, format, tokenizer=tokenizer or base_model, overwrite=overwrite, **options)

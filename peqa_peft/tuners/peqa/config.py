@@ -36,6 +36,11 @@ class PeqaConfig(QuantTargetsConfig):
         exclude_modules: names / regex of modules not to quantize.
         layers_to_transform / layers_pattern: restrict to some layer indices, as in LoRA.
         modules_to_save: extra modules trained in full and saved with the adapter (e.g. a classifier head).
+        adopt_checkpoint_grid: ``False`` (default): a layer that is already quantized (a GGUF, GPTQ or
+            compressed-tensors checkpoint, or a ``QuantLinear``) must have exactly ``bits``/``group_size``, else it is
+            refused. ``True``: such layers keep their own bits and group size (e.g. a GGUF Q4_K_M file mixes 4-bit
+            groups of 32 with 6-bit groups of 16), ``bits``/``group_size`` only apply to float layers PEQA quantizes
+            itself; the fingerprint records each layer's grid.
         base_fingerprint: filled in when the adapter is created: bits, group size and a hash of ``s0``/``z0`` per
             quantized layer. Loading the adapter onto a base that quantizes differently raises a ``ValueError``.
             (To load anyway, pass ``config=`` with ``base_fingerprint=None`` to ``PeftModel.from_pretrained``.)
@@ -53,6 +58,10 @@ class PeqaConfig(QuantTargetsConfig):
     train_zero_point: bool = field(default=False, metadata={"help": "Also train a zero-point delta per group."})
     init_weights: bool = field(
         default=True, metadata={"help": "True: delta_s starts at 0 (identity). False: random non-identity start."}
+    )
+    adopt_checkpoint_grid: bool = field(
+        default=False,
+        metadata={"help": "Already quantized layers keep their own bits/group_size instead of having to match."},
     )
     base_fingerprint: Optional[dict] = field(
         default=None, metadata={"help": "Set on creation; checked on load to refuse a differently quantized base."}

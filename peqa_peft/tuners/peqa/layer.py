@@ -37,7 +37,7 @@ class PeqaLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: PeqaConfig, **kwargs: Any) -> None:
         """Create the deltas of a new adapter; its quantization settings must match the shared base."""
         base = self.get_base_layer()
-        if (config.bits, config.group_size) != (base.bits, base.group_size):
+        if not config.adopt_checkpoint_grid and (config.bits, config.group_size) != (base.bits, base.group_size):
             raise ValueError(
                 f"adapter '{adapter_name}' asks for bits={config.bits}, group_size={config.group_size}, but this "
                 f"layer is already quantized with bits={base.bits}, group_size={base.group_size}; all PEQA adapters "

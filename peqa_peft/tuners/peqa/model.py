@@ -125,6 +125,13 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
             if isinstance(module, PeqaLayer) and adapter_name in module.peqa_scale
         }
         config.base_fingerprint = {"bits": config.bits, "group_size": config.group_size, "layers": layers}
+        if config.adopt_checkpoint_grid:
+            # each layer keeps its own grid: record it (the layer hashes include it too)
+            config.base_fingerprint["grids"] = {
+                key: [module.get_base_layer().bits, module.get_base_layer().group_size]
+                for key, module in model.named_modules()
+                if isinstance(module, PeqaLayer) and adapter_name in module.peqa_scale
+            }
 
     def _create_and_replace(
         self,
@@ -175,11 +182,16 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
         super()._check_new_adapter_config(config)
         others = [c for c in self.peft_config.values() if c is not config]
         for other in others:
-            if (other.bits, other.group_size) != (config.bits, config.group_size):
+            if (other.bits, other.group_size, other.adopt_checkpoint_grid) != (
+                config.bits,
+                config.group_size,
+                config.adopt_checkpoint_grid,
+            ):
                 raise ValueError(
                     f"All PEQA adapters of a model share one quantized base; the model uses bits={other.bits}, "
-                    f"group_size={other.group_size} but the new adapter asks for bits={config.bits}, "
-                    f"group_size={config.group_size}."
+                    f"group_size={other.group_size}, adopt_checkpoint_grid={other.adopt_checkpoint_grid} but the new "
+                    f"adapter asks for bits={config.bits}, group_size={config.group_size}, "
+                    f"adopt_checkpoint_grid={config.adopt_checkpoint_grid}."
                 )
 
     def merge_and_unload(self, *args, **kwargs) -> nn.Module:

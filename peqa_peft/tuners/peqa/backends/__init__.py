@@ -140,12 +140,17 @@ def hand_over_quantization(model: nn.Module, config: PeqaConfig) -> bool:
 
 
 def check_adopted_grid(bits: int, group_size: int | None, config: PeqaConfig, key: str, source: str) -> None:
-    """A PeqaConfig must state the grid of an already quantized layer: silently re-quantizing would lose it."""
+    """A PeqaConfig must state the grid of an already quantized layer (silently re-quantizing would lose it), or
+    ``adopt_checkpoint_grid=True`` lets every such layer keep its own."""
+    if config.adopt_checkpoint_grid:
+        return
     if (bits, group_size) != (config.bits, config.group_size):
         raise ValueError(
             f"Layer '{key}' is already quantized ({source}: bits={bits}, group_size={group_size}) but the PeqaConfig "
             f"asks for bits={config.bits}, group_size={config.group_size}; PEQA adopts the existing integers and "
-            f"scales, so pass PeqaConfig(bits={bits}, group_size={group_size}, ...) or exclude the layer."
+            f"scales, so pass PeqaConfig(bits={bits}, group_size={group_size}, ...), or "
+            "PeqaConfig(adopt_checkpoint_grid=True, ...) to keep each quantized layer's own grid (mixed checkpoints "
+            "such as GGUF Q4_K_M), or exclude the layer."
         )
 
 
