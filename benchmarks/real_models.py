@@ -201,6 +201,34 @@ def install_gptq(model, fp_model, hessians, bits: int) -> None:
         base.zero_point = zero.to(torch.uint8)
 
 
+@torch.no_grad()
+def alignment_check(fp_model, bits: int = 4) -> dict:
+    """How much the file's own 32-blocks flatter group 32: relative weight error of RTN with PEQA's groups aligned
+    with the GGUF blocks, and with every row's columns rolled by 16 first (each PEQA group then straddles two
+    blocks, as a g32 grid would on weights that were never GGUF-quantized), beside g64 and per channel."""
+    from peqa_peft.quant.quantizer import compute_qparams, dequantize, quantize
+
+    def rel_err(w, group):
+        s, z = compute_qparams(w, bits, group, "minmax")
+        return (dequantize(quantize(w, s, z, bits, group), s, z, group) - w).pow(2).sum().item()
+
+    total = dict.fromkeys(("g32_aligned", "g32_shifted16", "g64", "ch"), 0.0)
+    norm = 0.0
+    distinct = []
+    for name in linear_names(fp_model):
+        w = fp_model.get_submodule(name).weight.float()
+        norm += w.pow(2).sum().item()
+        total["g32_aligned"] += rel_err(w, 32)
+        total["g32_shifted16"] += rel_err(torch.roll(w, 16, dims=1), 32)
+        total["g64"] += rel_err(w, 64)
+        total["ch"] += rel_err(w, None)
+        blocks = w.reshape(-1, 32)[:256]
+        distinct.append(sum(len(torch.unique(b)) for b in blocks) / len(blocks))
+    result = {k: v / norm for k, v in total.items()}
+    result["distinct_values_per_32_block"] = sum(distinct) / len(distinct)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------------- tuning
 def tune(row: str, model_dir: Path, args, out_dir: Path):
     """The fixed budget of the issue (30 Alpaca SFT steps, 4 x 256, CLI defaults); returns (model, extra info)."""
@@ -287,6 +315,13 @@ def render(results: dict, path: Path) -> None:
         ptb = f"{r['ptb']:.2f}" if r.get("ptb") else ""
         notes = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("wikitext2", "ptb", "seconds") and v)
         lines.append(f"| {key} | {r['wikitext2']:.2f} | {ratio:.3f} | {ptb} | {r['seconds']:.0f} | {notes} |")
+    if "alignment_4bit_rtn_relative_weight_error" in results:
+        lines += [
+            "",
+            "4-bit RTN relative weight error ||W - W_hat||^2 / ||W||^2 over all targeted layers (``--alignment``):",
+            "",
+        ]
+        lines += [f"- {k}: {v:.4g}" for k, v in results["alignment_4bit_rtn_relative_weight_error"].items()]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -305,6 +340,7 @@ def main(argv=None) -> None:
     parser.add_argument("--calib-windows", type=int, default=16, help="GPTQ calibration windows of --seq-len")
     parser.add_argument("--output-dir", type=Path, default=None)
     parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--alignment", action="store_true", help="measure how the GGUF blocks flatter group 32")
     args = parser.parse_args(argv)
     out_dir = args.output_dir or REPO / "benchmarks" / "results" / "real-models" / args.model
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -340,10 +376,15 @@ def main(argv=None) -> None:
 
     rows = results["rows"]
     fp_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if "fp32" not in rows or (args.ptb and "ptb" not in rows["fp32"]):
+    measuring = bool(args.configs or args.rows)  # --alignment alone needs no perplexity
+    if measuring and ("fp32" not in rows or (args.ptb and not rows["fp32"].get("ptb"))):
         start = time.perf_counter()
         rows["fp32"] = {"wikitext2": ppl(fp_model), "ptb": ppl(fp_model, "ptb") if args.ptb else None}
         rows["fp32"]["seconds"] = time.perf_counter() - start
+        save()
+    if args.alignment:
+        results["alignment_4bit_rtn_relative_weight_error"] = alignment_check(fp_model)
+        print(json.dumps(results["alignment_4bit_rtn_relative_weight_error"]), flush=True)
         save()
     patterns = [p for p in args.configs.split(",") if p]
     # In the order of the patterns (the most wanted rows first), each config once.
