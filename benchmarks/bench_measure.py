@@ -22,18 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes that really store ``tensor`` (see the module docstring for the subclass rules)."""
-    if hasattr(tensor, "storage_bytes"):
-        return int(tensor.storage_bytes())
-    if tensor.device.type == "meta":
-        return 0
-    flatten = getattr(type(tensor), "__tensor_flatten__", None)
-    if flatten is not None and type(tensor) not in (torch.Tensor, nn.Parameter):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
-    return tensor.numel() * tensor.element_size()
+from peqa_peft.core.memory import tensor_bytes  # the package's one byte counter (rules: its docstring)
 
 
 def _key(tensor: torch.Tensor) -> tuple:

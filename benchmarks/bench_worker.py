@@ -31,7 +31,7 @@ from bench_measure import (
 )
 from torch import nn
 
-from peqa_peft.evaluate import perplexity
+from peqa_peft.workflows.evaluate import perplexity
 
 
 def _release_freed_memory() -> None:

@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from peqa_peft import PeqaConfig  # noqa: E402
-from peqa_peft.export import _common, export  # noqa: E402
-from peqa_peft.export import gguf as gguf_writer  # noqa: E402
+from peqa_peft.integrations.formats import _common, export  # noqa: E402
+from peqa_peft.integrations.formats.gguf import writer as gguf_writer  # noqa: E402
 
 DEMO = REPO / "assets" / "demo-llama"
 PROMPT = "It was a dark and stormy night, and"

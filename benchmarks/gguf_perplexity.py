@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peqa_peft.evaluate import load_eval_text  # noqa: E402
-from peqa_peft.export import export_adapter  # noqa: E402
+from peqa_peft.integrations.formats import export_adapter  # noqa: E402
+from peqa_peft.workflows.evaluate import load_eval_text  # noqa: E402
 
 
 @torch.no_grad()

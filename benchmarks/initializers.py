@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peqa_peft  # noqa: F401
 from peqa_peft import PeqaConfig
-from peqa_peft.evaluate import load_eval_text, perplexity
+from peqa_peft.workflows.evaluate import load_eval_text, perplexity
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "assets" / "demo-llama"

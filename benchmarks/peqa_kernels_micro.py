@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from peqa_peft.quant import QuantLinear, dequantize_packed, kernels, quantizer
-from peqa_peft.quant import functional as fn
+from peqa_peft.core import QuantLinear, dequantize_packed, kernels, quantizer
+from peqa_peft.core import functional as fn
 
 TOKENS, OUT, IN, GROUP = 160, 5632, 2048, 128
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import peqa_peft
 from peqa_peft import PeqaConfig
-from peqa_peft.utils import module_resident_bytes
+from peqa_peft.core.layer_memory import module_resident_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from peqa_peft.tuners.qft.tensor import _quantize_grad_rows  # noqa: E402
+from peqa_peft.core.qft.tensor import _quantize_grad_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "assets" / "data" / "wikitext2_valid.tokens.txt"

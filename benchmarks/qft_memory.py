@@ -4,7 +4,7 @@
 
 For each setting the bundled model is wrapped with QFT, trained for two IntLion steps on real Alpaca rows, and the
 live tensors are counted after the second backward pass (gradients resident in standard mode, optimizer state
-present): ``peqa_peft.utils.model_state_bytes``. Nothing is estimated.
+present): ``peqa_peft.core.layer_memory.model_state_bytes``. Nothing is estimated.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peqa_peft  # noqa: F401  (registers QFT with PEFT)
 from peqa_peft import IntLion, QftConfig
-from peqa_peft.data import format_alpaca
-from peqa_peft.utils import model_state_bytes
+from peqa_peft.core.layer_memory import model_state_bytes
+from peqa_peft.workflows.data import format_alpaca
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = [  # (base dtype, fused, int8 gradients, full_parameter)

@@ -42,8 +42,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler  # n
 
 import peqa_peft  # noqa: E402,F401  (registers QFT with PEFT)
 from peqa_peft import IntLion, QftConfig  # noqa: E402
-from peqa_peft.evaluate import perplexity  # noqa: E402
-from peqa_peft.train import DEFAULT_LR, QFT_BETAS  # noqa: E402
+from peqa_peft.workflows.evaluate import perplexity  # noqa: E402
+from peqa_peft.workflows.train import DEFAULT_LR, QFT_BETAS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "assets" / "data"
@@ -59,7 +59,7 @@ SWEEPS = {
     "qft-linear-fgrad": [3e-5],
 }
 # Each configuration's best (learning rate, betas) in the recorded sweep (benchmarks/results/qft-quality/results.md);
-# QFT's is the CLI's recipe (peqa_peft.train), set from that sweep.
+# QFT's is the CLI's recipe (peqa_peft.workflows.train), set from that sweep.
 RECOMMENDED = {"adamw": (7e-4, (0.6, 0.999)), "lion": (3e-4, (0.7, 0.8)), "qft": (DEFAULT_LR["qft"], QFT_BETAS)}
 DEFAULT_BETAS = {"adamw": (0.9, 0.999), "lion": (0.9, 0.99)}  # torch's AdamW, the Lion paper's
 FULL_FT = ("adamw", "lion")  # the fp32 full fine-tuning references

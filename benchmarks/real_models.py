@@ -3,7 +3,7 @@
     python benchmarks/real_models.py --model smollm2-135m --configs '4-*-*'          # init sweep, 4-bit rows
     python benchmarks/real_models.py --model smollm2-135m --configs '' --rows peqa,lora,full --ptb
 
-The models are the GGUF files of :mod:`peqa_peft.model_zoo`. The float reference ("fp32") is the GGUF dequantized
+The models are the GGUF files of :mod:`peqa_peft.workflows.model_zoo`. The float reference ("fp32") is the GGUF dequantized
 by transformers' own loader (``from_pretrained(dir, gguf_file=...)``), saved once as a plain float checkpoint under
 ``outputs/realmodels/<model>-fp32`` so that ``peqa-peft eval/train --model <that dir>`` reproduce every row.
 
@@ -59,7 +59,7 @@ ROWS = ("peqa", "peqa3", "lora", "qlora", "full", "qft", "peqa-gguf")
 # ----------------------------------------------------------------------------------------------------------- models
 def float_model_dir(name: str) -> Path:
     """The dequantized GGUF as a plain float32 checkpoint (written once, by transformers' own GGUF loader)."""
-    from peqa_peft.model_zoo import load_dequantized
+    from peqa_peft.workflows.model_zoo import load_dequantized
 
     out = REPO / "outputs" / "realmodels" / f"{name}-fp32"
     if (out / "config.json").exists():
@@ -105,7 +105,7 @@ def peqa_model(fp_model, bits: int, group: str, method: str):
         return get_peft_model(model, PeqaConfig(bits=bits, group_size=main, init_method=method)), {}
     # Layers whose width the main group size does not divide: quantized with their fallback through PEQA's own
     # QuantLinear (the same code path), swapped in after get_peft_model created the adapters on the others.
-    from peqa_peft.quant import QuantLinear
+    from peqa_peft.core import QuantLinear
 
     model = get_peft_model(
         model, PeqaConfig(bits=bits, group_size=main, init_method=method, exclude_modules=list(fallback))
@@ -146,7 +146,7 @@ def collect_hessians(fp_model, calib_ids: torch.Tensor) -> dict[str, torch.Tenso
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None, damp=0.01):
     """GPTQ (Frantar et al. 2022): codes, scale, zero-point with PEQA's layout, min-max grid per group."""
-    from peqa_peft.quant.quantizer import compute_qparams
+    from peqa_peft.core.quantizer import compute_qparams
 
     w = weight.detach().float().clone()
     rows, cols = w.shape
@@ -187,8 +187,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
 
 def install_gptq(model, fp_model, hessians, bits: int) -> None:
     """Overwrite each PEQA base layer's codes/scales/zero-points with GPTQ's (same grid layout, same bit width)."""
-    from peqa_peft.quant import QuantLinear
-    from peqa_peft.quant.packing import pack_bits
+    from peqa_peft.core import QuantLinear
+    from peqa_peft.core.packing import pack_bits
 
     for name in hessians:
         module = model.get_submodule("base_model.model." + name)
@@ -206,7 +206,7 @@ def alignment_check(fp_model, bits: int = 4) -> dict:
     """How much the file's own 32-blocks flatter group 32: relative weight error of RTN with PEQA's groups aligned
     with the GGUF blocks, and with every row's columns rolled by 16 first (each PEQA group then straddles two
     blocks, as a g32 grid would on weights that were never GGUF-quantized), beside g64 and per channel."""
-    from peqa_peft.quant.quantizer import compute_qparams, dequantize, quantize
+    from peqa_peft.core.quantizer import compute_qparams, dequantize, quantize
 
     def rel_err(w, group):
         s, z = compute_qparams(w, bits, group, "minmax")
@@ -235,8 +235,8 @@ def tune(row: str, model_dir: Path, args, out_dir: Path):
     from peft import get_peft_model
     from transformers import AutoTokenizer, set_seed
 
-    from peqa_peft.data import load_instruction_dataset
-    from peqa_peft.train import TrainConfig, build_trainer, load_base_model, peft_config_for
+    from peqa_peft.workflows.data import load_instruction_dataset
+    from peqa_peft.workflows.train import TrainConfig, build_trainer, load_base_model, peft_config_for
 
     method = {"peqa": "peqa", "peqa3": "peqa", "lora": "lora", "qlora": "qlora", "full": "lora", "qft": "qft"}
     bits = 3 if row == "peqa3" else 4
@@ -357,7 +357,7 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import peqa_peft  # noqa: F401
-    from peqa_peft.evaluate import load_eval_text, perplexity
+    from peqa_peft.workflows.evaluate import load_eval_text, perplexity
 
     torch.manual_seed(0)
     model_dir = float_model_dir(args.model)

@@ -161,7 +161,7 @@ def load_data(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "examples"))
     from peqa_quickstart import collate  # the Alpaca prompt + response-only labels of the quickstart
 
-    from peqa_peft.evaluate import load_eval_text
+    from peqa_peft.workflows.evaluate import load_eval_text
 
     tok = AutoTokenizer.from_pretrained(args.model)
     if tok.pad_token_id is None:

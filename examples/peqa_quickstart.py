@@ -25,8 +25,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peqa_peft  # noqa: F401  (registers PEQA with PEFT)
 from peqa_peft import PeqaConfig
-from peqa_peft.data import format_alpaca
-from peqa_peft.evaluate import load_eval_text, perplexity
+from peqa_peft.workflows.data import format_alpaca
+from peqa_peft.workflows.evaluate import load_eval_text, perplexity
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -32,8 +32,8 @@ from trl import SFTConfig, SFTTrainer
 
 import peqa_peft  # noqa: F401  (registers PEQA with PEFT)
 from peqa_peft import PeqaConfig
-from peqa_peft.data import PROMPT_NO_INPUT, load_instruction_dataset
-from peqa_peft.evaluate import load_eval_text, perplexity
+from peqa_peft.workflows.data import PROMPT_NO_INPUT, load_instruction_dataset
+from peqa_peft.workflows.evaluate import load_eval_text, perplexity
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "assets" / "demo-llama"
@@ -43,7 +43,7 @@ PROMPT = PROMPT_NO_INPUT.format(instruction="Give three tips for staying healthy
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=ZOO_MODEL, help="a peqa_peft.model_zoo name, Hub id or local path")
+    p.add_argument("--model", default=ZOO_MODEL, help="a peqa_peft.workflows.model_zoo name, Hub id or local path")
     p.add_argument("--demo", action="store_true", help="the bundled demo model with a smoke-test budget")
     p.add_argument("--dataset", default=None, help="Hub id or local JSON (default: bundled 5,000 Alpaca rows)")
     p.add_argument("--bits", type=int, default=4)
@@ -68,7 +68,7 @@ def parse_args() -> argparse.Namespace:
 
 def load_float(name: str):
     """(model, tokenizer): a model_zoo GGUF dequantized by transformers, or a Hub id / local checkpoint."""
-    from peqa_peft import model_zoo
+    from peqa_peft.workflows import model_zoo
 
     if name in model_zoo.MODELS:
         return model_zoo.load_dequantized(name)
@@ -81,7 +81,7 @@ def wikitext_ppl(model, eval_ids: torch.Tensor, seq_len: int) -> float:
 
 def gguf_row(name: str, eval_ids: torch.Tensor, seq_len: int):
     """Perplexity of the GGUF file's own codes adopted as PEQA's base, where the package can adopt GGUF."""
-    from peqa_peft import model_zoo
+    from peqa_peft.workflows import model_zoo
 
     if not hasattr(peqa_peft, "load_gguf") or name not in model_zoo.MODELS:
         return None

@@ -24,9 +24,9 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 import peqa_peft  # noqa: E402,F401  (registers QFT with PEFT)
 from peqa_peft import IntLion, QftConfig  # noqa: E402
-from peqa_peft.data import load_instruction_dataset  # noqa: E402
-from peqa_peft.train import DEFAULT_LR, QFT_BETAS, QFT_WARMUP  # noqa: E402  (the recommended QFT recipe)
-from peqa_peft.utils import model_state_bytes  # noqa: E402
+from peqa_peft.core.layer_memory import model_state_bytes  # noqa: E402
+from peqa_peft.workflows.data import load_instruction_dataset  # noqa: E402
+from peqa_peft.workflows.train import DEFAULT_LR, QFT_BETAS, QFT_WARMUP  # noqa: E402  (the recommended QFT recipe)
 
 REPO = Path(__file__).resolve().parents[1]
 

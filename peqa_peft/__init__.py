@@ -8,16 +8,21 @@ Importing the package registers the new PEFT types, after which ``peft.get_peft_
     model = get_peft_model(model, peqa_peft.PeqaConfig(bits=4, task_type="CAUSAL_LM"))
 """
 
-from .peft_integration import add_peft_type, patch_peft_model
+from . import _deprecated
+
+_deprecated.install()
+
+from .integrations.peft.registration import add_peft_type, patch_peft_model  # noqa: E402
 
 add_peft_type("PEQA")
 add_peft_type("QFT")
 patch_peft_model()
 
+from .core import QuantLinear, compute_qparams, fake_quantize, pack_bits, unpack_bits  # noqa: E402
+from .integrations import distributed as _distributed  # noqa: E402,F401  (registers DDP/FSDP2 hooks)
+from .integrations.transformers.quantizer import PeqaQuantizationConfig  # noqa: E402
+from .integrations.transformers.quantizer import register as _register_quantizer  # noqa: E402
 from .optim import IntLion  # noqa: E402
-from .quant import QuantLinear, compute_qparams, fake_quantize, pack_bits, unpack_bits  # noqa: E402
-from .quant.hf_quantizer import PeqaQuantizationConfig  # noqa: E402
-from .quant.hf_quantizer import register as _register_quantizer  # noqa: E402
 from .tuners import PeqaConfig, PeqaModel, QftConfig, QftModel  # noqa: E402
 from .tuners.peqa.backends.compressed_tensors import install_compat_fixes  # noqa: E402
 
@@ -25,9 +30,8 @@ from .tuners.peqa.backends.compressed_tensors import install_compat_fixes  # noq
 install_compat_fixes()
 # from_pretrained(..., quantization_config=PeqaQuantizationConfig(bits=4)) quantizes while loading
 _register_quantizer()
-from .utils import quantized_layer_bytes  # noqa: E402
-
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
+from .core.layer_memory import quantized_layer_bytes  # noqa: E402
 
 __all__ = [
     "IntLion",

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import DATA, DEMO_LLAMA
 
-from peqa_peft.cli import main
-from peqa_peft.train import resolve_checkpoint
+from peqa_peft.workflows.cli import main
+from peqa_peft.workflows.train import resolve_checkpoint
 
 TRAIN = ["train", "--model", str(DEMO_LLAMA), "--no-progress"]
 EVAL = ["eval", "--model", str(DEMO_LLAMA), "--no-progress", "--dataset", "wikitext2"]

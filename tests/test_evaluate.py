@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from peqa_peft.evaluate import load_eval_text, perplexity
+from peqa_peft.workflows.evaluate import load_eval_text, perplexity
 
 
 class Bigram(torch.nn.Module):

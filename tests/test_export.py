@@ -1,4 +1,5 @@
-"""peqa_peft.export: merged PEQA models written as compressed-tensors, GGUF and GPTQ, checked by their consumers.
+"""peqa_peft.integrations.formats: merged PEQA models written as compressed-tensors, GGUF and GPTQ, checked by their
+consumers.
 
 Every format is verified with the tool that owns it, in a fresh process that never imports peqa_peft where the
 consumer is a Python library (transformers for compressed-tensors and GGUF, GPTQModel in its own virtualenv when
@@ -24,9 +25,9 @@ from peft import get_peft_model
 
 import peqa_peft
 from peqa_peft import PeqaConfig
-from peqa_peft.export import _common, collect, export
-from peqa_peft.export import compressed_tensors as ct_writer
-from peqa_peft.export import gguf as gguf_writer
+from peqa_peft.integrations.formats import _common, collect, export
+from peqa_peft.integrations.formats.compressed_tensors import writer as ct_writer
+from peqa_peft.integrations.formats.gguf import writer as gguf_writer
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from gguf_perplexity import llama_cpp_window_nll, open_llama, torch_nll  # noqa: E402  (the benchmark's NLL, shared)
@@ -227,7 +228,7 @@ def test_gguf_runs_in_llama_cpp_and_transformers_like_the_peqa_model(tmp_path, d
     """The demo model, 4-bit per channel with a tuned Δs: llama.cpp's greedy 32 tokens equal ours and its
     WikiText-2 perplexity is within 1%; transformers' gguf_file= loader (fresh process) generates the same."""
     _llama_cpp()  # skips when llama-cpp-python is missing
-    from peqa_peft.evaluate import load_eval_text
+    from peqa_peft.workflows.evaluate import load_eval_text
 
     # the paper's MSE initialisation (the default): with min-max RTN this model has near-ties (top-2 logit margin
     # 0.01) that fp16 embeddings flip; with MSE the margin is 0.06 and f16 and f32 exports both reproduce our tokens
@@ -450,7 +451,7 @@ def test_export_does_not_modify_the_model_and_merges_the_active_adapter(tmp_path
 
 @pytest.mark.slow
 def test_cli_export_from_base_and_adapter(tmp_path, capsys):
-    from peqa_peft.cli import main
+    from peqa_peft.workflows.cli import main
 
     demo_peqa(4, None).save_pretrained(tmp_path / "adapter")
     args = ["export", "--model", str(DEMO_LLAMA), "--adapter", str(tmp_path / "adapter"), "--output-dir"]
@@ -473,7 +474,7 @@ def test_merged_model_push_to_hub_uploads_a_compressed_tensors_checkpoint(tmp_pa
     fake_api = mock.MagicMock()
     fake_api.create_repo.return_value.repo_id = "user/peqa-w4"
     fake_api.upload_folder.side_effect = upload_folder
-    with mock.patch("peqa_peft.hub.HfApi", return_value=fake_api):
+    with mock.patch("peqa_peft.integrations.hub.HfApi", return_value=fake_api):
         assert merged.push_to_hub("user/peqa-w4", private=True) == "commit-url"
     assert sorted(uploaded) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
     config = json.loads(uploaded["config.json"])["quantization_config"]
@@ -491,4 +492,4 @@ def test_atomic_helper_replaces_only_on_success(tmp_path):
         (tmp / "b").write_text("2")
         raise KeyError
     assert sorted(p.name for p in out.iterdir()) == ["a"]
-    assert peqa_peft.export.FORMATS == ("compressed-tensors", "gguf", "gptq")
+    assert peqa_peft.integrations.formats.FORMATS == ("compressed-tensors", "gguf", "gptq")

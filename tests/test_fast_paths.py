@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peqa_peft.quant import QuantLinear, kernels, pack_bits, packed_linear
-from peqa_peft.quant.quantizer import compute_qparams
+from peqa_peft.core import QuantLinear, kernels, pack_bits, packed_linear
+from peqa_peft.core.quantizer import compute_qparams
 
 BITS = (2, 3, 4, 8)
 OUT_F, IN_F, GROUP = 48, 64, 32

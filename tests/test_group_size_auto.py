@@ -18,9 +18,9 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peqa_peft import PeqaConfig, PeqaQuantizationConfig, QuantLinear
-from peqa_peft.cli import add_eval_parser, add_train_parser
-from peqa_peft.quant import AUTO_GROUP_SIZE, resolve_auto_group_size
+from peqa_peft.core import AUTO_GROUP_SIZE, resolve_auto_group_size
 from peqa_peft.tuners.peqa.layer import PeqaLayer
+from peqa_peft.workflows.cli import add_eval_parser, add_train_parser
 
 SMALL = REPO / "assets" / "models" / "aidreams260K-llama-hf"  # widths 64 and 172 (down_proj)
 IDS = torch.tensor([[1, 45, 99, 3, 12, 7, 50, 31]])

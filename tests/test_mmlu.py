@@ -9,8 +9,8 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peqa_peft import PeqaConfig
-from peqa_peft.cli import main
-from peqa_peft.evaluate import mmlu_accuracy
+from peqa_peft.workflows.cli import main
+from peqa_peft.workflows.evaluate import mmlu_accuracy
 
 pytest.importorskip("lm_eval")
 

@@ -10,7 +10,7 @@ from peft import PeftModel, get_peft_model
 
 import peqa_peft
 from peqa_peft import PeqaConfig, QuantLinear
-from peqa_peft.quant import fake_quantize
+from peqa_peft.core import fake_quantize
 from peqa_peft.tuners.peqa import PeqaLayer
 
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -101,9 +101,9 @@ def test_gradients_reach_only_scales_and_match_reference():
     got = layer.peqa_scale["default"].grad.clone()
 
     q = layer.base_layer
-    codes = peqa_peft.quant.unpack_codes(q.qweight, q.bits, q.out_features, q.in_features)
+    codes = peqa_peft.core.unpack_codes(q.qweight, q.bits, q.out_features, q.in_features)
     delta = layer.peqa_scale["default"].detach().clone().requires_grad_(True)
-    dense = peqa_peft.quant.dequantize(codes, q.scale + delta, q.zero_point, q.group_size)
+    dense = peqa_peft.core.dequantize(codes, q.scale + delta, q.zero_point, q.group_size)
     x = torch.randn(3, q.in_features)
     grad_out = torch.randn(3, q.out_features)
     (x @ dense.t() * grad_out).sum().backward()

@@ -12,7 +12,9 @@ from torch import nn
 
 import peqa_peft
 from peqa_peft import IntLion, QftConfig
-from peqa_peft.quant import compute_qparams, dequantize, quantize
+from peqa_peft.core import compute_qparams, dequantize, quantize
+from peqa_peft.optim import integer_update
+from peqa_peft.optim.integer_update import reselect_outliers_
 from peqa_peft.tuners.qft import Int8Grad, QftLayer, QftWeight, qft_linear
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -87,7 +89,7 @@ def test_reselect_outliers_keeps_grid_and_picks_largest():
     q = QftWeight.from_float(torch.randn(16, 32), 0.05)
     q.outlier_val.mul_(0.01)  # the old outliers become tiny: others must take their place
     before = q.dequantize()
-    q.reselect_outliers_()
+    reselect_outliers_(q)
     after = q.dequantize()
     ref_idx = torch.topk(before.abs().flatten(), q.num_outliers).indices.sort().values
     assert torch.equal(q.outlier_idx.long(), ref_idx)
@@ -103,7 +105,7 @@ def test_reselect_outliers_never_clamps_an_outlier_outside_its_grid():
     q = QftWeight.from_float(torch.tensor([[1.0, 0.1, -0.1, 0.02], [0.5, 0.4, -0.4, 0.02]]), 0.125)
     q.outlier_val.fill_(0.45)  # now smaller than w[1, 0] = 0.5, but far outside row 0's grid [-0.1, 0.1]
     before = q.dequantize()
-    q.reselect_outliers_()
+    reselect_outliers_(q)
     assert torch.equal(q.dequantize(), before)
 
 
@@ -126,7 +128,7 @@ def test_reselect_outliers_on_real_weights_moves_nothing_more_than_half_a_step()
         q.outlier_val.mul_(torch.empty_like(q.outlier_val).uniform_(0.3, 1.0))
         before = q.dequantize()
         old_idx = q.outlier_idx.clone()
-        q.reselect_outliers_()
+        reselect_outliers_(q)
         after = q.dequantize()
         assert not torch.equal(q.outlier_idx, old_idx)  # the refresh did swap entries
         assert _moves_in_half_steps(before, after, q).max() <= 0.5 + 1e-4
@@ -144,7 +146,7 @@ def test_intlion_refresh_moves_no_weight_more_than_half_a_step(demo_model, monke
         demo_model, QftConfig(target_modules=["q_proj", "down_proj"], outlier_refresh_steps=2, task_type="CAUSAL_LM")
     )
     worst, swapped = [], []
-    original = QftWeight.reselect_outliers_
+    original = integer_update.reselect_outliers_
 
     def measured(self):
         before, idx = self.dequantize(torch.float32), self.outlier_idx.clone()
@@ -152,7 +154,7 @@ def test_intlion_refresh_moves_no_weight_more_than_half_a_step(demo_model, monke
         worst.append(_moves_in_half_steps(before, self.dequantize(torch.float32), self).max().item())
         swapped.append(int((self.outlier_idx != idx).sum()))
 
-    monkeypatch.setattr(QftWeight, "reselect_outliers_", measured)
+    monkeypatch.setattr(integer_update, "reselect_outliers_", measured)
     optimizer = IntLion(model.parameters(), lr=5e-3)
     ids = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
     for _ in range(4):

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from peqa_peft import IntLion
-from peqa_peft.optim import chunks, dequantize_blockwise, quantize_blockwise
-from peqa_peft.quant.stochastic import counter_generator
+from peqa_peft.core import chunks
+from peqa_peft.core.stochastic import counter_generator
+from peqa_peft.optim import dequantize_blockwise, quantize_blockwise
 from peqa_peft.tuners.qft import Int8Grad, QftWeight, qft_linear
 
 

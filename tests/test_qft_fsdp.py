@@ -6,8 +6,10 @@ The 2-rank runs are in tests/test_distributed.py; these check each piece against
 import pytest
 import torch
 
-from peqa_peft.tuners.qft import QftWeight, fsdp
-from peqa_peft.tuners.qft.fsdp import new_zeros_shard, pad_index, post_all_gather, pre_all_gather
+from peqa_peft.integrations.distributed import fsdp
+from peqa_peft.integrations.distributed.fsdp import new_zeros_shard, pad_index, post_all_gather, pre_all_gather
+from peqa_peft.optim.integer_update import lion_update_, reselect_outliers_
+from peqa_peft.tuners.qft import QftWeight
 
 
 class _Mesh:
@@ -88,15 +90,15 @@ def test_a_shard_trains_like_its_rows_of_the_weight():
     direction = torch.randn(w.shape).sign()
     full = _weight()
     # The same update; the two draw different rounding noise, so codes agree up to one step.
-    full.lion_update_(direction, 1e-2, 0.0, torch.Generator().manual_seed(0))
-    bottom.lion_update_(direction[6:], 1e-2, 0.0, torch.Generator().manual_seed(0))
+    lion_update_(full, direction, 1e-2, 0.0, torch.Generator().manual_seed(0))
+    lion_update_(bottom, direction[6:], 1e-2, 0.0, torch.Generator().manual_seed(0))
     step = full.scale[6:]
     assert ((bottom.dequantize() - full.dequantize()[6:]).abs() <= step * 1.0001).all()
     # The outliers (float) take exactly the same update; the padding slots stay padding.
     n = bottom.num_outliers
     assert torch.equal(bottom.outlier_val[:n], full.outlier_val[-n:])
     assert (bottom.outlier_idx[n:] == pad_index(bottom.outlier_idx.dtype)).all()
-    top.reselect_outliers_()
+    reselect_outliers_(top)
     assert top.num_outliers == torch.chunk(_weight(), 2)[0].num_outliers
     assert (top.outlier_idx[top.num_outliers :] == pad_index(top.outlier_idx.dtype)).all()
 

@@ -8,8 +8,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peqa_peft import IntLion, QftConfig
+from peqa_peft.core.qft.tensor import _quantize_grad_rows
 from peqa_peft.tuners.qft import Int8Grad, QftLayer, QftWeight, qft_embedding
-from peqa_peft.tuners.qft.tensor import _quantize_grad_rows
 
 
 def _table(rows: int = 40, dim: int = 24, outliers: float = 0.02, int8_grad: bool = True) -> QftWeight:
@@ -19,7 +19,7 @@ def _table(rows: int = 40, dim: int = 24, outliers: float = 0.02, int8_grad: boo
 
 @pytest.mark.parametrize("padding_idx", [None, 3])
 def test_embedding_lookup_and_gradient_match_the_dense_reference(padding_idx, monkeypatch):
-    monkeypatch.setattr("peqa_peft.tuners.qft.embedding.row_chunks", lambda rows, cols: [(0, 7), (7, 30), (30, rows)])
+    monkeypatch.setattr("peqa_peft.core.qft.embedding.row_chunks", lambda rows, cols: [(0, 7), (7, 30), (30, rows)])
     weight = nn.Parameter(_table(int8_grad=False), requires_grad=True)
     ids = torch.tensor([[1, 3, 3, 39], [0, 7, 7, 30]])
     dense = weight.dequantize().clone().requires_grad_(True)
@@ -123,14 +123,15 @@ def test_a_bad_saved_norm_is_refused_before_loading(tmp_path):
     assert type(fresh.model.embed_tokens) is nn.Embedding
 
 
-def test_tied_pair_cannot_be_split_between_integer_and_float():
-    model = tiny_llama(tie_word_embeddings=True)
-    with pytest.raises(ValueError, match="tie_word_embeddings"):
-        get_peft_model(model, QftConfig(task_type="CAUSAL_LM", exclude_modules=["lm_head"]))
-    assert type(model.model.embed_tokens) is nn.Embedding
-    both_float = get_peft_model(model, QftConfig(task_type="CAUSAL_LM", exclude_modules=["lm_head", "embed_tokens"]))
-    base = both_float.get_base_model()
+@pytest.mark.parametrize("exclude", [["lm_head"], ["embed_tokens"], ["lm_head", "embed_tokens"]])
+def test_tied_pair_is_never_split_between_integer_and_float(exclude):
+    """Excluding either half leaves the whole tied pair float (trained as a float parameter), never half of it."""
+    config = QftConfig(task_type="CAUSAL_LM", exclude_modules=exclude)
+    model = get_peft_model(tiny_llama(tie_word_embeddings=True), config)
+    base = model.get_base_model()
+    assert type(base.model.embed_tokens) is nn.Embedding and type(base.lm_head) is nn.Linear
     assert base.lm_head.weight is base.model.embed_tokens.weight and base.lm_head.weight.requires_grad
+    assert model.peft_config["default"].tied_embeddings == "float"
 
 
 def test_a_saved_config_from_before_full_parameter_loads_linear_only(tmp_path):

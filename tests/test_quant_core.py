@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peqa_peft.quant import (
+from peqa_peft.core import (
     QuantLinear,
     compute_qparams,
     dequantize,
@@ -125,7 +125,7 @@ def test_packed_linear_grads_match_dequantized_reference(bits, group_size, dtype
 
     Runs the uncompiled kernels (same algorithm, no compile time); tests/test_fast_paths.py covers the compiled ones.
     """
-    from peqa_peft.quant import kernels
+    from peqa_peft.core import kernels
 
     torch.manual_seed(0)
     out_f, in_f = 48, 64
@@ -160,7 +160,7 @@ def test_packed_linear_grads_match_dequantized_reference(bits, group_size, dtype
 @pytest.mark.parametrize("group_size", GROUPS)
 def test_scale_backward_never_builds_a_full_weight_gradient(monkeypatch, group_size):
     """Weight-sized tensors exist only a block of rows at a time; per channel no weight gradient exists at all."""
-    from peqa_peft.quant import functional, kernels
+    from peqa_peft.core import functional, kernels
 
     monkeypatch.setattr(functional, "_BLOCK_ELEMENTS", 64 * 4)  # 4 rows of 64 inputs
     dequant_rows, grad_blocks = [], []

@@ -27,16 +27,16 @@ def test_registration_is_idempotent_and_complete():
 
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
-    importlib.reload(peqa_peft.peft_integration)
-    peqa_peft.peft_integration.register_method("peqa", PeqaConfig, peqa_peft.PeqaModel)
-    peqa_peft.peft_integration.patch_peft_model()
+    importlib.reload(peqa_peft.integrations.peft.registration)
+    peqa_peft.integrations.peft.registration.register_method("peqa", PeqaConfig, peqa_peft.PeqaModel)
+    peqa_peft.integrations.peft.registration.patch_peft_model()
     assert PeftType("PEQA") is PeftType.PEQA and PeftType.PEQA == "PEQA"
     assert list(PeftType).count(PeftType.PEQA) == 1
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.PEQA] is PeqaConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.PEQA] is peqa_peft.PeqaModel
     assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.PEQA] == "peqa_"
     assert PeftType.LORA in PEFT_TYPE_TO_TUNER_MAPPING  # other methods unaffected
-    assert peqa_peft.peft_integration.TESTED_PEFT_VERSIONS[0] == ".".join(
+    assert peqa_peft.integrations.peft.registration.TESTED_PEFT_VERSIONS[0] == ".".join(
         __import__("peft").__version__.split(".")[:2]
     ), "PEFT was upgraded: re-check peft_integration.py against its internals and update the pin"
 
@@ -175,7 +175,7 @@ def test_push_to_hub_uploads_adapter_and_card(tmp_path):
     fake_api = mock.MagicMock()
     fake_api.create_repo.return_value.repo_id = "user/peqa-adapter"
     fake_api.upload_folder.side_effect = upload_folder
-    with mock.patch("peqa_peft.hub.HfApi", return_value=fake_api):
+    with mock.patch("peqa_peft.integrations.hub.HfApi", return_value=fake_api):
         assert model.push_to_hub("user/peqa-adapter", private=True, commit_description="d") == "commit-url"
     fake_api.create_repo.assert_called_once()
     assert uploaded.pop("__repo__") == "user/peqa-adapter"

@@ -13,8 +13,8 @@ from conftest import DATA, DEMO_LLAMA, REPO
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from peqa_peft.cli import main
-from peqa_peft.train import TrainConfig, check_has_linear_layers, train
+from peqa_peft.workflows.cli import main
+from peqa_peft.workflows.train import TrainConfig, check_has_linear_layers, train
 
 TINY_TRAIN = dict(
     max_steps=2,
@@ -149,7 +149,7 @@ def test_push_to_hub_from_train_uses_stand_in(tmp_path):
         return "https://hub.example/commit/1"
 
     fake_api.upload_folder.side_effect = upload_folder
-    with mock.patch("peqa_peft.hub.HfApi", return_value=fake_api):
+    with mock.patch("peqa_peft.integrations.hub.HfApi", return_value=fake_api):
         summary = train(cfg)
     assert summary["hub_commit"] == "https://hub.example/commit/1"
     assert sorted(uploaded) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "train_summary.json"]

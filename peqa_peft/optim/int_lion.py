@@ -2,7 +2,7 @@
 
 Design: the optimizer's params *are* the quantized weights
 -----------------------------------------------------------
-A QFT weight is a :class:`~peqa_peft.tuners.qft.tensor.QftWeight`, a wrapper tensor subclass (as in torchao's int8
+A QFT weight is a :class:`~peqa_peft.core.qft.tensor.QftWeight`, a wrapper tensor subclass (as in torchao's int8
 quantized training) that looks like a float ``(out, in)`` tensor but stores only uint8 codes, per-channel scales
 and a few float outliers. It is a real ``nn.Parameter``, so the things Trainer does with parameters work unchanged:
 ``model.parameters()`` hands it to this optimizer, ``print_trainable_parameters`` counts ``out * in``, autograd
@@ -19,14 +19,14 @@ For every param with a gradient ``g`` (float32 math, :func:`lion_direction_`)::
     c = beta1 * m + (1 - beta1) * g ;  d = sign(c) ;  m <- beta2 * m + (1 - beta2) * g
 
 - float params: ``p <- p * (1 - lr * wd) - lr * d`` (plain Lion with decoupled weight decay);
-- integer weights apply ``W <- W - lr * (d + wd * W)`` themselves: any param with a ``lion_update_rows_(r0, r1,
-  direction, lr, weight_decay, generator)`` method (QFT's ``QftWeight``: codes move by ``-(lr / s) * d - lr * wd *
-  (q - z)`` steps, stochastically rounded, rows re-fitted instead of clamped at the grid's edges, outliers in float),
-  and, if it has ``refresh_every``, ``reselect_outliers_()`` every that many steps. The optimizer does not import
-  the weight type. A gradient with ``dequantize_rows``/``is_finite`` (QFT's ``Int8Grad``) is read row range by row
-  range.
+- integer weights (any param following the protocol of :mod:`.integer_update`, e.g. QFT's ``QftWeight``): ``W <- W -
+  lr * (d + wd * W)`` by :func:`.integer_update.lion_update_rows_` (codes move by ``-(lr / s) * d - lr * wd * (q -
+  z)`` steps, stochastically rounded, rows re-fitted instead of clamped at the grid's edges, outliers in float),
+  and, if it has ``refresh_every``, :func:`.integer_update.reselect_outliers_` every that many steps. The optimizer
+  does not import the weight type, and the weight does not know the optimizer. A gradient with
+  ``dequantize_rows``/``is_finite`` (QFT's ``Int8Grad``) is read row range by row range.
 
-Weight-sized work runs over row chunks of about ``peqa_peft.optim.chunks.CHUNK_ELEMENTS`` entries, so every
+Weight-sized work runs over row chunks of about ``peqa_peft.core.chunks.CHUNK_ELEMENTS`` entries, so every
 temporary stays in cache and none is weight-sized; results do not depend on the chunk size.
 
 The rounding noise of weight ``i`` at step ``t`` comes from a generator seeded by ``(seed, i, t)``, so it is
@@ -67,9 +67,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..quant.stochastic import counter_generator
+from ..core.chunks import row_chunks
+from ..core.stochastic import counter_generator
+from . import integer_update
 from .blockwise import dequantize_blocks, dequantize_blockwise, quantize_blocks, quantize_blockwise
-from .chunks import row_chunks
 
 try:  # FSDP2 hands the optimizer DTensor params; absent where torch has no distributed support
     from torch.distributed.tensor import DTensor as _DTensor
@@ -126,11 +127,6 @@ def _shard_index(p: torch.Tensor) -> int:
     for size, coordinate in zip(p.device_mesh.shape, p.device_mesh.get_coordinate()):
         index = index * size + coordinate
     return index
-
-
-def _is_integer_weight(p: torch.Tensor) -> bool:
-    """Whether ``p`` applies IntLion's update to its own integer storage (e.g. a QFT ``QftWeight``)."""
-    return callable(getattr(p, "lion_update_rows_", None))
 
 
 def _grad_rows(grad: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
@@ -299,7 +295,7 @@ class IntLion(torch.optim.Optimizer):
         state["consecutive_skips"] = 0
         state["step"] += 1
         self._prepare_momentum(state, p, group)
-        integer = _is_integer_weight(p)
+        integer = integer_update.is_integer_weight(p)
         generator = counter_generator(group["seed"], stream, state["step"], p.device, shard) if integer else None
         # Weight-sized work runs chunk by chunk (see row_chunks): each chunk's gradient, momentum and update are
         # computed while they sit in cache, and no weight-sized float temporary is ever allocated.
@@ -315,8 +311,8 @@ class IntLion(torch.optim.Optimizer):
             direction = lion_direction_(momentum, grad.reshape(-1), *group["betas"])
             self._store_momentum_chunk(state, momentum, a, b)
             if integer:
-                p.lion_update_rows_(
-                    r0, r1, direction.view(r1 - r0, row_len), group["lr"], group["weight_decay"], generator
+                integer_update.lion_update_rows_(
+                    p, r0, r1, direction.view(r1 - r0, row_len), group["lr"], group["weight_decay"], generator
                 )
             else:
                 flat[a:b].mul_(1.0 - group["lr"] * group["weight_decay"]).add_(
@@ -326,7 +322,7 @@ class IntLion(torch.optim.Optimizer):
             p.copy_(flat.view(p.shape))
         refresh = getattr(p, "refresh_every", 0)
         if integer and refresh and state["step"] % refresh == 0:
-            p.reselect_outliers_()
+            integer_update.reselect_outliers_(p)
         return True
 
     @staticmethod

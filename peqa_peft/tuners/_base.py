@@ -52,6 +52,18 @@ class QuantTunerMixin:
 
     target_module_mapping: dict[str, list[str]] = {}
 
+    @classmethod
+    def check_saved_adapter(
+        cls, weights: dict, model: nn.Module, source: str, config=None, existing=None, hub_kwargs=None
+    ) -> None:
+        """Validate a saved adapter of this method (``weights`` read from ``source``) against ``model`` before PEFT
+        loads it; ``existing`` is the adapter slot it loads into, if any. Each method says what it checks."""
+        raise NotImplementedError(f"{cls.__name__} does not validate saved adapters")
+
+    @classmethod
+    def refuse_as_other_method(cls, keys, peft_type: str, source: str) -> None:
+        """Refuse this method's adapter weights (their ``keys``) saved under another method's ``peft_type``."""
+
     def _prepare_adapter_config(self, peft_config: QuantTargetsConfig, model_config: dict) -> QuantTargetsConfig:
         if peft_config.target_modules is None:
             peft_config.target_modules = "all-linear"

@@ -1,6 +1,6 @@
 """PEQA: Parameter-Efficient and Quantization-aware Adaptation (scale-only fine-tuning of packed low-bit weights)."""
 
-from ...peft_integration import register_method
+from ...integrations.peft.registration import register_method
 from .config import PeqaConfig
 from .layer import Linear, PeqaLayer
 from .model import PeqaModel

@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 
 from peft.utils import PeftType
 
-from ...quant.quantizer import validate_quant_settings
+from ...core.quantizer import validate_quant_settings
 from .._base import QuantTargetsConfig
 
 

@@ -9,14 +9,14 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ...quant import QuantLinear
+from ...core import QuantLinear
 from .config import PeqaConfig
 
 
 class PeqaLayer(BaseTunerLayer):
     """Mixin holding the per-adapter scale deltas ``peqa_scale[name]`` (and optional ``peqa_zero_point[name]``).
 
-    The base layer is a :class:`~peqa_peft.quant.QuantLinear` shared by all adapters: the integer codes, ``s0`` and
+    The base layer is a :class:`~peqa_peft.core.QuantLinear` shared by all adapters: the integer codes, ``s0`` and
     ``z0`` are frozen buffers there; the adapters only hold deltas of shape ``(out_features, n_groups)``.
     """
 
@@ -64,6 +64,18 @@ class PeqaLayer(BaseTunerLayer):
         scales = [self.peqa_scale[a] for a in adapter_names if a in self.peqa_scale]
         zeros = [self.peqa_zero_point[a] for a in adapter_names if a in self.peqa_zero_point]
         return (sum(scales) if scales else None), (sum(zeros) if zeros else None)
+
+    def merged_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale and zero-point this layer quantizes with now: ``s0 + Δs`` and ``z0 (+ Δz)`` of the active
+        adapters, or the base's own when they are merged or disabled (what ``merge`` would write; the export writers
+        read it). Differentiable with respect to the deltas."""
+        base = self.get_base_layer()
+        if self.merged or self.disable_adapters:
+            return base.scale, base.zero_point
+        delta_scale, delta_zero = self._deltas(self.active_adapters)
+        scale = base.scale if delta_scale is None else base.scale + delta_scale.to(base.scale.dtype)
+        zero = base.zero_point if delta_zero is None else base.zero_point.float() + delta_zero.float()
+        return scale, zero
 
     def base_fingerprint(self) -> str:
         """Fingerprint of the quantized base as it was before any adapter was merged into it."""
@@ -142,9 +154,7 @@ class Linear(nn.Module, PeqaLayer):
             return base(x)
         if self.merged:
             return base(x)
-        delta_scale, delta_zero = self._deltas(self.active_adapters)
-        scale = base.scale if delta_scale is None else base.scale + delta_scale.to(base.scale.dtype)
-        zero = base.zero_point if delta_zero is None else base.zero_point.float() + delta_zero.float()
+        scale, zero = self.merged_qparams()
         return base(x, scale=scale, zero_point=zero)
 
     def __repr__(self) -> str:

@@ -9,8 +9,8 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...quant import QuantLinear
-from ...quant.quantizer import AUTO
+from ...core import QuantLinear
+from ...core.quantizer import AUTO
 from .._base import QuantTunerMixin
 from . import backends
 from .config import PeqaConfig
@@ -22,7 +22,7 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
     """Creates a PEQA model from a pretrained transformers model (use it through ``peft.get_peft_model``).
 
     Every targeted ``nn.Linear`` / ``Conv1D`` is replaced by a :class:`peqa_peft.tuners.peqa.Linear` whose base is a
-    :class:`~peqa_peft.quant.QuantLinear`: the weight is quantized once to ``bits``-bit packed codes and its floating
+    :class:`~peqa_peft.core.QuantLinear`: the weight is quantized once to ``bits``-bit packed codes and its floating
     point copy is released. Adapters hold only scale deltas. Adding further adapters reuses the same quantized base.
 
     All checks (module types, group size, fingerprint of a loaded adapter) run before the first module is replaced,
@@ -37,6 +37,27 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
         >>> model.print_trainable_parameters()
         ```
     """
+
+    @classmethod
+    def check_saved_adapter(cls, weights, model, source, config=None, existing=None, hub_kwargs=None) -> None:
+        """The weights (dtypes, finiteness, shapes, completeness; :mod:`.validation`) and, when the adapter is loaded
+        into an ``existing`` PEQA adapter slot (``load_adapter(..., adapter_name=<existing>)``, as Trainer's resume
+        does), the base fingerprint, which PEFT would otherwise skip."""
+        from .validation import check_adapter_weights
+
+        if config is None:
+            config = PeqaConfig.from_pretrained(source, **(hub_kwargs or {}))
+        check_adapter_weights(weights, config, model, source)
+        if existing is not None:
+            layers = {k: m for k, m in model.named_modules() if isinstance(m, PeqaLayer)}
+            verify_fingerprint(layers, config)
+
+    @classmethod
+    def refuse_as_other_method(cls, keys, peft_type, source) -> None:
+        """PEQA scale deltas under another ``peft_type`` (an edited or mixed-up ``adapter_config.json``)."""
+        from .validation import check_peft_type
+
+        check_peft_type(keys, peft_type, source)
 
     prefix: str = "peqa_"
     tuner_layer_cls = PeqaLayer
@@ -169,14 +190,15 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
         """Merge the scale deltas into ``s0`` and return the quantized transformers model.
 
         Its ``save_pretrained`` / ``push_to_hub`` write a compressed-tensors checkpoint (see
-        :mod:`peqa_peft.export.merged`) that transformers and vLLM load without peqa_peft.
+        :mod:`peqa_peft.integrations.formats.compressed_tensors.merged`) that transformers and vLLM load without
+        peqa_peft.
         """
-        from ...export.merged import attach_compressed_save
+        from ...integrations.formats.compressed_tensors.merged import attach_compressed_save
 
         return attach_compressed_save(super().merge_and_unload(*args, **kwargs))
 
     def unload(self) -> nn.Module:
         """Remove the adapters and return the quantized base (saved like a merged model, as compressed-tensors)."""
-        from ...export.merged import attach_compressed_save
+        from ...integrations.formats.compressed_tensors.merged import attach_compressed_save
 
         return attach_compressed_save(super().unload())

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...quant import QuantLinear, num_groups
+from ...core import QuantLinear, num_groups
 
 PEQA_PARAM_NAMES = ("peqa_scale", "peqa_zero_point")
 

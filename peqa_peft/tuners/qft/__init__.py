@@ -1,11 +1,11 @@
 """QFT: Quantized Full-parameter Tuning (integer weights trained in place by an integer Lion optimizer)."""
 
-from ...peft_integration import register_method
+from ...core.qft.embedding import qft_embedding
+from ...core.qft.tensor import Int8Grad, QftWeight, allow_dense_fallback, qft_linear
+from ...integrations.peft.registration import register_method
 from .config import QftConfig
-from .embedding import qft_embedding
 from .layer import Embedding, Linear, QftLayer
 from .model import QftModel
-from .tensor import Int8Grad, QftWeight, allow_dense_fallback, qft_linear
 
 register_method("qft", QftConfig, QftModel)
 

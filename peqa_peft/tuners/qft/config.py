@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 from peft.utils import PeftType
 
@@ -38,7 +38,7 @@ class QftConfig(QuantTargetsConfig):
             at 2 ranks, half at 4, none saved from ~8 ranks on; the stored gradient's error grows from ~1.0% to
             ~1.3%: ``benchmarks/qft_grad_allreduce.py``). Ranks stay bit-identical either way.
         init_method: how the int8 grid is chosen: ``"minmax"`` (full range of the non-outlier entries) or ``"mse"``
-            (clipping search of :func:`peqa_peft.quant.compute_qparams`).
+            (clipping search of :func:`peqa_peft.core.compute_qparams`).
         target_modules: module names / regex / ``"all-linear"`` (the default when ``None``: every linear layer but
             the output head, which ``full_parameter`` adds). ``nn.Linear``, transformers' ``Conv1D`` and
             ``nn.Embedding`` are supported.
@@ -46,6 +46,13 @@ class QftConfig(QuantTargetsConfig):
         layers_to_transform / layers_pattern: restrict to some layer indices, as in LoRA.
         modules_to_save: non-targeted modules (e.g. ``lm_head``, norms) trained in their own float dtype and saved
             with the checkpoint; everything else that is not targeted is frozen.
+        tied_embeddings: *recorded by QFT*, not chosen: for a model whose output head shares its weight with the
+            input embeddings (``tie_word_embeddings``), ``"integer"`` when both are targets (``full_parameter``
+            with the head not excluded): the pair is ONE ``QftWeight`` read by the lookup and the projection, so it
+            stays tied through training, saving and reloading; ``"float"`` when the head is not a target (e.g.
+            ``exclude_modules=["lm_head"]``, which TRL's SFTTrainer needs): the pair stays one float weight, trained
+            as a float parameter under ``full_parameter``. ``None``: the model ties nothing. Saved with the adapter
+            config; loading checks that the model and config give the same outcome again.
     """
 
     full_parameter: bool = field(
@@ -62,6 +69,10 @@ class QftConfig(QuantTargetsConfig):
     )
     init_method: Literal["minmax", "mse"] = field(
         default="minmax", metadata={"help": "'minmax' or 'mse' choice of the per-channel int8 grid."}
+    )
+    tied_embeddings: Optional[Literal["integer", "float"]] = field(
+        default=None,
+        metadata={"help": "Set by QFT: what it made of a tied input/output embedding pair ('integer' or 'float')."},
     )
 
     @classmethod
@@ -84,6 +95,8 @@ class QftConfig(QuantTargetsConfig):
             raise ValueError(f"`outlier_refresh_steps` must be an int >= 0 (0: never), got {steps!r}")
         if self.ddp_gradient_sync not in ("fp32", "int8"):
             raise ValueError(f"`ddp_gradient_sync` must be 'fp32' or 'int8', got {self.ddp_gradient_sync!r}")
+        if self.tied_embeddings not in (None, "integer", "float"):
+            raise ValueError(f"`tied_embeddings` must be None, 'integer' or 'float', got {self.tied_embeddings!r}")
         if self.init_method not in ("minmax", "mse"):
             raise ValueError(f"`init_method` must be 'minmax' or 'mse', got {self.init_method!r}")
         self._check_targets()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -10,10 +11,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import fsdp
+from ...core.qft.embedding import qft_embedding
+from ...core.qft.tensor import WEIGHT_FIELDS, QftWeight, qft_linear
+from ...integrations.distributed import fsdp
 from .config import QftConfig
-from .embedding import qft_embedding
-from .tensor import WEIGHT_FIELDS, QftWeight, qft_linear
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Embedding)
 
@@ -57,13 +58,28 @@ class QftWeightDict(nn.ParameterDict):
     def _apply(self, fn, recurse: bool = True):
         # Module._apply would try `param.data = fn(param)` / swap_tensors; a QftWeight converts by re-wrapping.
         for name, weight in list(self._parameters.items()):
+            # A tied embedding pair is one Parameter in two dicts: the second dict must get the first one's new
+            # Parameter, not a copy of its own. `fn` is the same object for every module of one `.to()` call.
+            done = _CONVERTED.get(id(weight))
+            if done is not None and done[0]() is weight and done[1] is fn:
+                self._parameters[name] = done[2]
+                continue
             with torch.no_grad():
                 new = fn(weight)
             # `.to()` to the weight's own device/dtype still re-wraps a QftWeight; keeping the original Parameter then
             # matters: an optimizer built before `model.to(device)` (Trainer + accelerate under DDP) holds it.
             if new is not weight and (new.device, new.dtype) != (weight.device, weight.dtype):
                 self._parameters[name] = nn.Parameter(new, requires_grad=weight.requires_grad)
+                key = id(weight)
+                gone = weakref.ref(weight, lambda _ref, key=key: _CONVERTED.pop(key, None))
+                _CONVERTED[key] = (gone, fn, self._parameters[name])
         return self
+
+
+# id(old Parameter) -> (weak ref to it, conversion function, its new Parameter): lets a weight shared by two layers
+# (tied embeddings) stay shared across `.to()`. Keyed by id, as a QftWeight has no `==`; an entry goes with the old
+# weight (the weak ref's callback).
+_CONVERTED: dict[int, tuple] = {}
 
 
 def _float_weight(module: nn.Module) -> torch.Tensor:
@@ -188,7 +204,7 @@ class Embedding(Linear):
     """QFT layer over an ``nn.Embedding``: the ``(num_embeddings, dim)`` table as a trainable integer weight.
 
     Lookups dequantize only the rows they read; the weight gradient is built chunk by chunk of the vocabulary
-    (see :mod:`peqa_peft.tuners.qft.embedding`). Merging writes the float table back into the base embedding.
+    (see :mod:`peqa_peft.core.qft.embedding`). Merging writes the float table back into the base embedding.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: QftConfig, **kwargs: Any) -> None:

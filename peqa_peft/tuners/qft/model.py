@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
+from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, _maybe_include_all_linear_layers
 from torch import nn
 
+from ...core.qft.tensor import QftWeight
+from ...integrations.distributed.ddp import ddp_ignored_names
 from .._base import QuantTunerMixin
 from .config import QftConfig
-from .distributed import ddp_ignored_names
 from .layer import SUPPORTED_LAYERS, Embedding, Linear, QftLayer, check_embedding_options
-from .tensor import QftWeight
+
+logger = logging.getLogger(__name__)
 
 
 def _module_name(model: nn.Module, module: Optional[nn.Module]) -> Optional[str]:
@@ -31,11 +35,37 @@ def _embedding_modules(model: nn.Module) -> tuple[Optional[nn.Module], Optional[
         return None, None
 
 
+def _tied_pair(model: nn.Module) -> tuple[Optional[nn.Module], Optional[nn.Module]]:
+    """``(input embeddings, output head)`` if the head's weight *is* the embeddings' weight, else ``(None, None)``."""
+    embeddings, head = _embedding_modules(model)
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None and getattr(head, "weight", None) is weight:
+        return embeddings, head
+    return None, None
+
+
+def tied_embeddings_note(config: QftConfig) -> Optional[str]:
+    """One line saying what QFT made of a tied input/output embedding pair (``None`` if the model ties none)."""
+    if config.tied_embeddings == "integer":
+        return (
+            "QFT: the output head shares its weight with the input embeddings (tie_word_embeddings): the tied pair is "
+            "ONE integer weight, read by the embedding lookup and the output projection (it stays tied)."
+        )
+    if config.tied_embeddings == "float":
+        how = "trained in float like the norms" if config.full_parameter else "frozen (full_parameter=False)"
+        return (
+            "QFT: the output head shares its weight with the input embeddings (tie_word_embeddings) and is not a QFT "
+            f"target (e.g. excluded for TRL's SFTTrainer), so the tied pair stays ONE float weight, {how}; the other "
+            "targeted weights are integer weights."
+        )
+    return None
+
+
 class QftModel(QuantTunerMixin, BaseTuner):
     """Creates a QFT model from a pretrained transformers model (use it through ``peft.get_peft_model``).
 
     Every targeted ``nn.Linear`` / ``Conv1D`` is wrapped by a :class:`peqa_peft.tuners.qft.Linear` whose only weight
-    is a trainable :class:`~peqa_peft.tuners.qft.tensor.QftWeight` (int8 codes + per-channel scales + float
+    is a trainable :class:`~peqa_peft.core.qft.tensor.QftWeight` (int8 codes + per-channel scales + float
     outliers); the float weight is released. Train it with :class:`peqa_peft.optim.IntLion`. Non-targeted
     parameters are frozen unless listed in ``modules_to_save``. All targets are validated before the first module
     is replaced, so a failing call leaves the model as it was.
@@ -49,6 +79,13 @@ class QftModel(QuantTunerMixin, BaseTuner):
         >>> optimizer = peqa_peft.IntLion(model.parameters(), lr=1e-4)
         ```
     """
+
+    @classmethod
+    def check_saved_adapter(cls, weights, model, source, config=None, existing=None, hub_kwargs=None) -> None:
+        """Every saved integer weight: complete, in range, fitting its layer (:mod:`.validation`)."""
+        from .validation import check_qft_weights
+
+        check_qft_weights(weights, model, source)
 
     prefix: str = "qft_"
     tuner_layer_cls = QftLayer
@@ -73,8 +110,10 @@ class QftModel(QuantTunerMixin, BaseTuner):
         config = self.peft_config[adapter_name]
         self._extra_targets = self._full_parameter_targets(model, config)
         targets = self._validate_targets(model, config) if state_dict is None else {}
-        embeddings, head = _embedding_modules(model)
-        tied = embeddings is not None and head is not None and getattr(head, "weight", None) is embeddings.weight
+        embeddings, head = _tied_pair(model)
+        if state_dict is None:  # checked before anything is replaced
+            chosen = list(targets.values())
+            self._record_tied_embeddings(config, embeddings, embeddings in chosen and head in chosen)
         super().inject_adapter(
             model,
             adapter_name,
@@ -82,20 +121,51 @@ class QftModel(QuantTunerMixin, BaseTuner):
             low_cpu_mem_usage=low_cpu_mem_usage,
             state_dict=state_dict,
         )
-        if tied and (state_dict is not None or (embeddings in targets.values() and head in targets.values())):
+        if embeddings is not None and (state_dict is not None or config.tied_embeddings == "integer"):
             self._share_tied_weight(model, adapter_name)
+        if state_dict is not None:  # targets came from the file: what it made of the pair is known only now
+            now_in, now_out = _embedding_modules(model)
+            self._record_tied_embeddings(
+                config, embeddings, isinstance(now_in, QftLayer) and isinstance(now_out, QftLayer)
+            )
+        note = tied_embeddings_note(config)
+        if note:
+            logger.info(note)
+
+    @staticmethod
+    def _record_tied_embeddings(config: QftConfig, tied: Optional[nn.Module], integer: bool) -> None:
+        """Set ``config.tied_embeddings`` to what QFT makes of the tied pair; a saved value must match it."""
+        outcome = None if tied is None else ("integer" if integer else "float")
+        if config.tied_embeddings is not None and config.tied_embeddings != outcome:
+            raise ValueError(
+                f"the adapter config says tied_embeddings={config.tied_embeddings!r}, but on this model and config "
+                f"QFT makes {'no tied pair' if outcome is None else f'the tied pair {outcome}'} (a different base "
+                "model, or changed target_modules / exclude_modules)"
+            )
+        config.tied_embeddings = outcome
 
     def _full_parameter_targets(self, model: nn.Module, config: QftConfig) -> frozenset:
         """Names of the input embeddings and output head, which ``full_parameter`` adds to the targets."""
         if not config.full_parameter:
             return frozenset()
         self._prepare_adapter_config(config, self.get_model_config(model))
-        names = set()
+        _maybe_include_all_linear_layers(config, model)  # as _find_targets will: "all-linear" never names the pair
+        names, explicit = set(), set()
         for module in _embedding_modules(model):
             name = _module_name(model, module)
             match = BaseTuner._check_target_module_exists(config, name) if name else None
             if name and not isinstance(match, _ExcludedModule) and isinstance(module, SUPPORTED_LAYERS):
                 names.add(name)
+                if match:
+                    explicit.add(name)
+        # A tied pair is one weight: it becomes one integer weight only if both of its modules are targets. When
+        # only full_parameter adds one of them (the other is excluded, as TRL's SFTTrainer needs for lm_head), that
+        # implicit target is dropped and the pair stays one float weight, trained as a float parameter; a pair the
+        # user split by naming one half in target_modules is refused by _validate_targets.
+        pair = [_module_name(model, m) for m in _tied_pair(model) if m is not None]
+        split = [name for name in pair if name in names]
+        if len(split) == 1 and split[0] not in explicit:
+            names.discard(split[0])
         return frozenset(names)
 
     @property
@@ -121,9 +191,10 @@ class QftModel(QuantTunerMixin, BaseTuner):
         chosen = list(targets.values())
         if tied is not None and getattr(head, "weight", None) is tied and (embeddings in chosen) != (head in chosen):
             raise ValueError(
-                "The output head shares its weight with the input embeddings (tie_word_embeddings); QFT can only turn "
-                "the pair into one integer weight, or leave both float: target both or neither (under TRL's "
-                "SFTTrainer, exclude_modules=['lm_head', <embeddings>] trains the tied pair in float), or untie first."
+                "The output head shares its weight with the input embeddings (tie_word_embeddings), and "
+                "target_modules names only one of them; QFT can only turn the pair into one integer weight, or leave "
+                "both float: name both or neither (full_parameter alone decides by whether lm_head is excluded), or "
+                "untie first."
             )
         for key, module in targets.items():
             if isinstance(module, QftLayer):
@@ -149,6 +220,32 @@ class QftModel(QuantTunerMixin, BaseTuner):
         embeddings, head = _embedding_modules(model)
         if isinstance(embeddings, QftLayer) and isinstance(head, QftLayer):
             head.qft_weight[adapter_name] = embeddings.qft_weight[adapter_name]
+
+    def _integer_pair(self) -> bool:
+        """Whether the model's tied embeddings are one shared integer weight right now."""
+        embeddings, head = _embedding_modules(self.model)
+        if not (isinstance(embeddings, QftLayer) and isinstance(head, QftLayer)):
+            return False
+        return any(embeddings.qft_weight[name] is head.qft_weight.get(name) for name in embeddings.qft_weight)
+
+    def _check_merge_allowed(self) -> None:
+        # PEFT warns that merging may untie a tied pair; one integer weight merges into one float weight (below).
+        if not self._integer_pair():
+            super()._check_merge_allowed()
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs):
+        """PEFT's unload; a tied integer pair becomes ONE float weight again (PEFT would merge it into two copies
+        and set ``tie_word_embeddings=False``)."""
+        tied = merge and self._integer_pair()
+        with warnings.catch_warnings():
+            if tied:
+                warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied")
+            model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
+        if tied:
+            # Both copies are the same dequantization of the same integers: bit-identical, so either can be kept.
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
+            model.config.tie_word_embeddings = True
+        return model
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         """PEFT's freezing, then (``full_parameter``) every remaining float parameter trainable again."""

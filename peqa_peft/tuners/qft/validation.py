@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .tensor import WEIGHT_FIELDS
+from ...core.qft.tensor import WEIGHT_FIELDS
 
 _PARAM = "qft_weight"
 

@@ -1,7 +1,7 @@
 """Which PEQA base layer each kind of target module becomes: one dispatcher, one module per weight format.
 
 PEFT's LoRA picks a layer class per backend (``_create_new_module`` tries bitsandbytes, GPTQ, torchao, ... in turn);
-PEQA always ends up with the same base layer, a packed :class:`~peqa_peft.quant.QuantLinear`, so its dispatcher picks
+PEQA always ends up with the same base layer, a packed :class:`~peqa_peft.core.QuantLinear`, so its dispatcher picks
 the *reader* instead: how to obtain integer codes, ``s0`` and ``z0`` from the module that is there.
 
 - ``quant_linear``: a ``QuantLinear`` (built by ``PeqaQuantizationConfig`` while loading, or left by ``unload()``):
@@ -26,8 +26,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
-from ....quant import QuantLinear, resolve_auto_group_size
-from ....quant.quantizer import AUTO
+from ....core import QuantLinear, resolve_auto_group_size
+from ....core.quantizer import AUTO
 from ..config import PeqaConfig
 from . import compressed_tensors, dense, gptq, quant_linear
 
@@ -137,7 +137,7 @@ def hand_over_quantization(model: nn.Module, config: PeqaConfig) -> bool:
     becomes PEQA's (``PeqaQuantizationConfig`` naming the adopted layers) and compressed-tensors' decompress-on-first-
     forward hook is removed. Returns whether it handed over (not when some layers of the old format remain).
     """
-    from ....quant.hf_quantizer import PeqaHfQuantizer, PeqaQuantizationConfig
+    from ....integrations.transformers.quantizer import PeqaHfQuantizer, PeqaQuantizationConfig
 
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is None or isinstance(quantizer, PeqaHfQuantizer):

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ....quant import QuantLinear, pack_bits
+from ....core import QuantLinear, pack_bits
 
 
 @torch.no_grad()

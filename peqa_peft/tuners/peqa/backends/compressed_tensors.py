@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ....quant import QuantLinear, validate_bits
+from ....core import QuantLinear, validate_bits
 from ..config import PeqaConfig
 from ._build import expand_per_tensor, quant_linear_from_codes
 
@@ -210,7 +210,8 @@ def _pack_meta_zero_points(model: nn.Module, stored_rows: Optional[dict[str, int
 
     With ``stored_rows`` (module name -> rows in the checkpoint), only layers whose checkpoint really stores the
     packed shape are changed: a checkpoint written with unpacked ``(out, groups)`` zero-points (the layout
-    ``peqa_peft.export`` writes by default so that transformers without this fix loads it) keeps its placeholders.
+    ``peqa_peft.integrations.formats`` writes by default so that transformers without this fix loads it) keeps its
+    placeholders.
     """
     fixed = 0
     for name, module in model.named_modules():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ....quant import QuantLinear, validate_group_size
+from ....core import QuantLinear, validate_group_size
 from ..config import PeqaConfig
 
 NAME = "dense"

@@ -28,7 +28,7 @@ import sys
 import torch
 from torch import nn
 
-from ....quant import QuantLinear, unpack_bits, validate_bits
+from ....core import QuantLinear, unpack_bits, validate_bits
 from ..config import PeqaConfig
 from ._build import quant_linear_from_codes
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ....quant import QuantLinear
+from ....core import QuantLinear
 from ..config import PeqaConfig
 
 NAME = "quant_linear"

@@ -1,0 +1,191 @@
+"""``QuantLinear``: a linear layer whose weight lives only as bit-packed integer codes plus scales and zero-points."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .functional import dequantize_packed, packed_linear
+from .packing import pack_bits, packed_numel
+from .quantizer import QuantMethod, compute_qparams, num_groups, quantize, validate_bits, validate_group_size
+
+# Layer types that store their weight as (in_features, out_features), e.g. transformers' Conv1D. They are registered
+# from above (peqa_peft.integrations.transformers registers Conv1D), so the core imports no transformers.
+_TRANSPOSED_LINEAR_TYPES: list[type] = []
+
+
+def register_transposed_linear(cls: type) -> None:
+    """Accept ``cls`` (a module with a ``weight`` of shape ``(in_features, out_features)``) as a linear layer."""
+    if cls not in _TRANSPOSED_LINEAR_TYPES:
+        _TRANSPOSED_LINEAR_TYPES.append(cls)
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a registered ``(in, out)``-weight linear layer (transformers' ``Conv1D``)."""
+    return isinstance(module, tuple(_TRANSPOSED_LINEAR_TYPES))
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The ``(out_features, in_features)`` weight of an ``nn.Linear`` or a transformers ``Conv1D`` (a view)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if is_transposed_linear(module):
+        return module.weight.t()  # Conv1D stores (in_features, out_features)
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+_linear_weight = linear_weight  # the former private name, used by branches written before the re-layout
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with a frozen ``bits``-bit weight stored bit-packed.
+
+    Buffers (all persistent, so ``state_dict`` round-trips):
+
+    - ``qweight``: ``uint8``, the codes packed densely (``ceil(out*in/8) * bits`` bytes),
+    - ``scale``: float32 ``(out_features, n_groups)``, the step size ``s0``,
+    - ``zero_point``: ``uint8`` ``(out_features, n_groups)``, the integer zero-point ``z0`` (float32 once a trained
+      zero-point delta has been merged into it).
+
+    ``forward(x)`` computes ``x @ (s0 * (q - z0))^T + bias`` in the activation dtype; PEQA adapters call it with
+    tuned scales instead (``forward(x, scale=s0 + delta_s)``). No floating point copy of the weight is kept.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: Optional[int] = None,
+        bias: bool = True,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        validate_bits(bits)
+        validate_group_size(group_size, in_features)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        n_groups = num_groups(in_features, group_size)
+        nbytes = packed_numel(in_features * out_features, bits)
+        self.register_buffer("qweight", torch.zeros(nbytes, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float32, device=device))
+        self.register_buffer("zero_point", torch.zeros(out_features, n_groups, dtype=torch.uint8, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(
+        cls,
+        module: nn.Module,
+        bits: int,
+        group_size: Optional[int] = None,
+        method: QuantMethod = "mse",
+        grid: int = 100,
+        max_shrink: float = 0.8,
+    ) -> QuantLinear:
+        """Quantize an ``nn.Linear`` / ``Conv1D`` (its weight is read, not modified). See :func:`compute_qparams`."""
+        weight = linear_weight(module)
+        out_features, in_features = weight.shape
+        bias = getattr(module, "bias", None)
+        new = cls(in_features, out_features, bits, group_size, bias=bias is not None, device=torch.device("meta"))
+        scale, zero = compute_qparams(weight, bits, group_size, method, grid=grid, max_shrink=max_shrink)
+        codes = quantize(weight, scale, zero, bits, group_size)
+        new.qweight = pack_bits(codes, bits)
+        new.scale, new.zero_point = scale, zero.to(torch.uint8)
+        new.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return new
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint with a merged (fractional) zero-point stores it as float: adopt its dtype instead of truncating.
+        zero_point = state_dict.get(prefix + "zero_point")
+        if zero_point is not None and zero_point.dtype != self.zero_point.dtype:
+            self.zero_point = torch.empty_like(self.zero_point, dtype=zero_point.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        # ``.half()``/``.to(dtype)`` may move the quantization state but never change its dtype: s0 stays float32
+        # and z0 integer (as bitsandbytes keeps its quant state), so the grid, and the fingerprint of every adapter
+        # trained on it, survive any cast of the model. Only the bias follows the model's dtype.
+        kept = {name: getattr(self, name) for name in ("scale", "zero_point")}
+        super()._apply(fn, recurse)
+        for name, tensor in kept.items():
+            moved = getattr(self, name)
+            if moved.dtype != tensor.dtype:
+                self._buffers[name] = tensor.to(moved.device)
+        return self
+
+    @property
+    def n_groups(self) -> int:
+        return self.scale.shape[1]
+
+    def forward(
+        self, x: torch.Tensor, scale: Optional[torch.Tensor] = None, zero_point: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return packed_linear(
+                x.to(dtype),
+                self.qweight,
+                self.scale if scale is None else scale,
+                self.zero_point if zero_point is None else zero_point,
+                self.bits,
+                self.out_features,
+                self.in_features,
+                self.bias,
+            )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight ``s0 * (q - z0)`` (a new tensor)."""
+        return dequantize_packed(
+            self.qweight, self.bits, self.out_features, self.in_features, self.scale, self.zero_point, dtype
+        )
+
+    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the dequantized weight, e.g. for export to tools without PEQA support."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.dequantize(dtype), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().to(dtype).clone(), requires_grad=False)
+        return linear
+
+    def fingerprint(self, scale: Optional[torch.Tensor] = None) -> str:
+        """A short hash of the quantization grid (bits, group size, shape, ``s0`` and ``z0``).
+
+        ``s0`` enters rounded to bfloat16 so that bit-level noise (e.g. from merging and unmerging an adapter) does
+        not change the hash, while a different base model or quantization setting does.
+        """
+        scale = self.scale if scale is None else scale
+        h = hashlib.sha256(f"{self.bits}|{self.group_size}|{self.out_features}x{self.in_features}".encode())
+        h.update(scale.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+        h.update(self.zero_point.detach().to("cpu", torch.int16).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Resident bytes of this layer's tensors: packed codes, scales + zero-points, bias."""
+        qparams = (
+            self.scale.numel() * self.scale.element_size() + self.zero_point.numel() * self.zero_point.element_size()
+        )
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return {"codes": self.qweight.numel() * self.qweight.element_size(), "qparams": qparams, "bias": bias}
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer would compute in: the autocast dtype when autocast is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype.is_floating_point:
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype

@@ -1,0 +1,85 @@
+"""Token-embedding lookups from an integer ``QftWeight``, with the weight gradient built row chunk by row chunk.
+
+An embedding is a ``(num_embeddings, embedding_dim)`` weight whose forward only *reads* rows: so the forward
+dequantizes just the distinct rows the batch looks up, never the whole ``vocab x hidden`` float matrix, and the
+backward scatters the output gradient into one cache-sized chunk of vocabulary rows at a time, quantizing each chunk
+to int8 (``Int8Grad``) as soon as it is complete. Only the rows a batch touches get a non-zero gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..chunks import row_chunks
+from .hooks import sync_grad_chunk_
+from .tensor import GradientRows, QftWeight
+
+
+def dequantize_row_index(weight: QftWeight, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``rows`` (sorted, distinct, 1-D) of ``weight.dequantize()``, outliers included, as a new tensor."""
+    out = weight.codes[rows].to(dtype)
+    out.sub_(weight.zero_point[rows].to(dtype)).mul_(weight.scale[rows].to(dtype))
+    if weight.num_outliers:
+        cols = weight.shape[1]
+        idx = weight.outlier_idx.long()
+        outlier_rows = torch.div(idx, cols, rounding_mode="floor")
+        hit = torch.isin(outlier_rows, rows)
+        if hit.any():
+            local = torch.searchsorted(rows, outlier_rows[hit])
+            out[local, idx[hit] % cols] = weight.outlier_val[hit].to(dtype)
+    return out
+
+
+def _weight_grad(
+    ids: torch.Tensor, grad_out: torch.Tensor, weight: QftWeight, padding_idx: Optional[int]
+) -> torch.Tensor:
+    """The embedding's weight gradient (``Int8Grad`` or float), built over row chunks of the vocabulary."""
+    ids = ids.reshape(-1)
+    go = grad_out.reshape(-1, grad_out.shape[-1]).float()
+    if padding_idx is not None:  # nn.Embedding: the padding row gets no gradient
+        keep = ids != padding_idx
+        ids, go = ids[keep], go[keep]
+    ids, order = torch.sort(ids)
+    go = go[order]
+    rows, cols = weight.shape
+    grad = GradientRows(weight.shape, weight.int8_grad, go.device, weight.dtype)
+    for r0, r1 in row_chunks(rows, cols):
+        bounds = torch.tensor([r0, r1], device=ids.device)
+        lo, hi = torch.searchsorted(ids, bounds).tolist()
+        chunk = torch.zeros(r1 - r0, cols, dtype=torch.float32, device=go.device)
+        chunk.index_add_(0, ids[lo:hi] - r0, go[lo:hi])
+        grad.put_(r0, r1, sync_grad_chunk_(chunk, weight))
+    return grad.result()
+
+
+class _QftEmbeddingFn(torch.autograd.Function):
+    """``weight[ids]`` for a ``QftWeight``: dequantizes only the looked-up rows; int8 weight gradient by chunks."""
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weight: QftWeight, padding_idx: Optional[int]) -> torch.Tensor:
+        ctx.save_for_backward(ids, weight)
+        ctx.padding_idx = padding_idx
+        rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        return dequantize_row_index(weight, rows, weight.dtype)[inverse]
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        ids, weight = ctx.saved_tensors
+        grad_w = _weight_grad(ids, grad_out, weight, ctx.padding_idx) if ctx.needs_input_grad[1] else None
+        return None, grad_w, None
+
+
+def qft_embedding(ids: torch.Tensor, weight: QftWeight, padding_idx: Optional[int] = None) -> torch.Tensor:
+    """``F.embedding(ids, W, padding_idx)`` for an integer ``W`` (gradient to ``W`` as ``Int8Grad`` or float)."""
+    if not isinstance(weight, QftWeight):
+        raise TypeError(f"qft_embedding expects a QftWeight, got {type(weight).__name__}")
+    if ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"embedding indices must be integers, got {ids.dtype}")
+    if ids.numel() and (ids.min() < 0 or ids.max() >= weight.shape[0]):
+        raise IndexError(f"token id out of range [0, {weight.shape[0]}): min {ids.min()}, max {ids.max()}")
+    return _QftEmbeddingFn.apply(ids, weight, padding_idx)
+
+
+__all__ = ["dequantize_row_index", "qft_embedding"]

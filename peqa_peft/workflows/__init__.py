@@ -1,0 +1,1 @@
+"""End-to-end workflows: training, evaluation, the CLI, datasets, model loading and the model zoo."""
