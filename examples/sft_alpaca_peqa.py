@@ -153,7 +153,7 @@ def main() -> None:
     if "gguf_adopted" in ppl:
         print(f"  GGUF codes adopted as PEQA base           {ppl['gguf_adopted']:9.2f}")
     print(f"  {args.bits}-bit (group {group}), PEQA init          {ppl['quantized']:9.2f}")
-    print(f"  {args.bits}-bit PEQA after {args.steps} SFT steps (4-bit)  {ppl['peqa']:9.2f}")
+    print(f"  {args.bits}-bit PEQA after {args.steps} SFT steps            {ppl['peqa']:9.2f}")
     print(f"Sample (greedy, tuned model): {PROMPT!r} ->\n  {sample.strip()!r}")
     size = os.path.getsize(Path(args.output_dir) / "adapter_model.safetensors")
     print(f"Adapter: {args.output_dir} ({size / 1024:.1f} KiB); reloaded logits identical: {identical}")
