@@ -3,8 +3,8 @@
     python benchmarks/real_models.py --model smollm2-135m --configs '4-*-*'          # init sweep, 4-bit rows
     python benchmarks/real_models.py --model smollm2-135m --configs '' --rows peqa,lora,full --ptb
 
-The models are the GGUF files of :mod:`peqa_peft.workflows.model_zoo`. The float reference ("fp32") is the GGUF dequantized
-by transformers' own loader (``from_pretrained(dir, gguf_file=...)``), saved once as a plain float checkpoint under
+The models are the GGUF files of :mod:`peqa_peft.workflows.model_zoo`. The float reference ("fp32") is the GGUF
+dequantized by transformers' own loader (``from_pretrained(dir, gguf_file=...)``), saved once as a plain float checkpoint under
 ``outputs/realmodels/<model>-fp32`` so that ``peqa-peft eval/train --model <that dir>`` reproduce every row.
 
 Caveat: those float weights are themselves 4-bit GGUF blocks of 32 inputs (Q4_1 for SmolLM2, Q4_K/Q6_K sub-blocks of
