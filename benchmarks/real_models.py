@@ -4,8 +4,9 @@
     python benchmarks/real_models.py --model smollm2-135m --configs '' --rows peqa,lora,full --ptb
 
 The models are the GGUF files of :mod:`peqa_peft.workflows.model_zoo`. The float reference ("fp32") is the GGUF
-dequantized by transformers' own loader (``from_pretrained(dir, gguf_file=...)``), saved once as a plain float checkpoint under
-``outputs/realmodels/<model>-fp32`` so that ``peqa-peft eval/train --model <that dir>`` reproduce every row.
+dequantized by transformers' own loader (``from_pretrained(dir, gguf_file=...)``), saved once as a plain float
+checkpoint under ``outputs/realmodels/<model>-fp32`` so that ``peqa-peft eval/train --model <that dir>``
+reproduce every row.
 
 Caveat: those float weights are themselves 4-bit GGUF blocks of 32 inputs (Q4_1 for SmolLM2, Q4_K/Q6_K sub-blocks of
 32 for Gemma 3). Re-quantizing at group 32 lines up with the file's own blocks and is optimistic; per channel, 128
