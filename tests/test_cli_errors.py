@@ -24,7 +24,7 @@ EVAL = ["eval", "--model", str(DEMO_LLAMA), "--no-progress", "--dataset", "wikit
         (TRAIN + ["--output-dir", "o", "--lr", "nan"], "--lr: must be a positive finite number"),
         (TRAIN + ["--output-dir", "o", "--epochs", "0"], "--epochs: must be a positive finite number"),
         (TRAIN + ["--output-dir", "o", "--bits", "9"], "--bits: must be one of"),
-        (TRAIN + ["--output-dir", "o", "--group-size", "-3"], "--group-size: must be a positive group size"),
+        (TRAIN + ["--output-dir", "o", "--group-size", "-3"], "--group-size: must be 'auto', a positive group size"),
         (TRAIN + ["--output-dir", "o", "--save-steps", "-1"], "--save-steps: must be 0 or a positive integer"),
     ],
 )

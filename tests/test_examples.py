@@ -28,9 +28,11 @@ def test_quickstart_runs_and_reloads(tmp_path):
 
 @pytest.mark.slow
 def test_sft_alpaca_peqa_example_runs(tmp_path):
-    tiny = ["--steps", "2", "--batch-size", "2", "--seq-len", "160", "--eval-tokens", "1024"]
-    summary = run_example("sft_alpaca_peqa.py", tmp_path, *tiny)
+    tiny = ["--demo", "--steps", "2", "--batch-size", "2", "--seq-len", "160", "--eval-tokens", "1024"]
+    summary = run_example("sft_alpaca_peqa.py", tmp_path, *tiny, "--new-tokens", "4")
     assert summary["identical_reload"] is True and summary["ppl_peqa"] > 1
+    # "auto" resolves to per channel on the demo model (32 does not divide its 688-wide down_proj)
+    assert summary["group_size"] is None and isinstance(summary["sample"], str)
 
 
 @pytest.mark.slow

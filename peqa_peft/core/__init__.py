@@ -8,17 +8,20 @@ from .functional import dequantize_packed, packed_linear, unpack_codes
 from .linear import QuantLinear
 from .packing import pack_bits, packed_numel, unpack_bits
 from .quantizer import (
+    AUTO_GROUP_SIZE,
     SUPPORTED_BITS,
     compute_qparams,
     dequantize,
     fake_quantize,
     num_groups,
     quantize,
+    resolve_auto_group_size,
     validate_bits,
     validate_group_size,
 )
 
 __all__ = [
+    "AUTO_GROUP_SIZE",
     "SUPPORTED_BITS",
     "QuantLinear",
     "compute_qparams",
@@ -31,6 +34,7 @@ __all__ = [
     "packed_linear",
     "packed_numel",
     "quantize",
+    "resolve_auto_group_size",
     "unpack_bits",
     "unpack_codes",
     "validate_bits",

@@ -52,10 +52,21 @@ def _max_steps(value: str) -> int:
     return steps
 
 
-def _int_or_none(value: str) -> Optional[int]:
+PER_CHANNEL = "channel"  # --group-size none|channel|0, told apart from "not given" (None) until the config is built
+
+
+def _group_size(value: str):
+    """``auto``, a positive group size, or none/channel/0 (per output channel, returned as PER_CHANNEL)."""
+    if value.lower() == "auto":
+        return "auto"
     if value.lower() in ("none", "channel", "0"):
-        return None
-    return _int_at_least(1, "a positive group size, or 'none' for per-channel scales")(value)
+        return PER_CHANNEL
+    return _int_at_least(1, "'auto', a positive group size, or 'none' for per-channel scales")(value)
+
+
+def _config_group_size(value):
+    """The PeqaConfig value of a parsed --group-size (PER_CHANNEL -> None)."""
+    return None if value == PER_CHANNEL else value
 
 
 _positive = _int_at_least(1, "a positive integer")
@@ -74,7 +85,11 @@ def add_train_parser(sub) -> None:
     p.add_argument("--max-samples", type=_positive, default=None, help="use a seeded random subset of the dataset")
     p.add_argument("--bits", type=_bits, default=None, help="PEQA weight bits (2..8, default 4; --method peqa only)")
     p.add_argument(
-        "--group-size", type=_int_or_none, default=None, help="PEQA group size (default per channel; peqa only)"
+        "--group-size",
+        type=_group_size,
+        default=None,
+        help="PEQA group size: auto (default: 32 where it divides every layer's width, else per channel), an int, "
+        "or none (per channel); peqa only",
     )
     p.add_argument("--target-modules", default="all-linear", help="'all-linear' or comma-separated module names")
     p.add_argument(
@@ -116,7 +131,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--model", required=True, help="Hub id or local path of the base model, a .gguf file or a zoo name")
     p.add_argument("--adapter", default=None, help="adapter directory or Hub id (PEQA, QFT, LoRA)")
     p.add_argument("--bits", type=_bits, default=None, help="evaluate the base quantized to this many bits")
-    p.add_argument("--group-size", type=_int_or_none, default=None)
+    p.add_argument(
+        "--group-size", type=_group_size, default="auto", help="with --bits: auto (PEQA's default), an int, or none"
+    )
     p.add_argument("--quant-method", choices=("minmax", "mse"), default="minmax", help="minmax = RTN")
     p.add_argument("--load-in-4bit", action="store_true", help="load the base in bitsandbytes NF4 (QLoRA adapters)")
     source = p.add_mutually_exclusive_group()
@@ -182,6 +199,10 @@ def run_train(args: argparse.Namespace) -> dict:
         raise ValueError(f"--qft-linear-only selects QFT's targets; it does not apply to --method {args.method}")
     if values["bits"] is None:
         del values["bits"]  # TrainConfig's default
+    if values["group_size"] is None:
+        del values["group_size"]  # TrainConfig's default ("auto")
+    else:
+        values["group_size"] = _config_group_size(values["group_size"])
     if args.target_modules != "all-linear":
         values["target_modules"] = args.target_modules.split(",")
     values["eval_datasets"] = [d for d in args.eval_datasets.split(",") if d]
@@ -217,9 +238,15 @@ def run_eval(args: argparse.Namespace) -> dict:
         raise SystemExit("peqa-peft eval: give --text-file, --dataset or --mmlu")
     text = read_text_file(args.text_file) if args.text_file else None
     model, tokenizer = load_for_eval(
-        args.model, args.adapter, args.bits, args.group_size, args.quant_method, load_in_4bit=args.load_in_4bit
+        args.model,
+        args.adapter,
+        args.bits,
+        _config_group_size(args.group_size),
+        args.quant_method,
+        load_in_4bit=args.load_in_4bit,
     )
-    result = {"model": args.model, "adapter": args.adapter, "bits": args.bits, "group_size": args.group_size}
+    group_size = next(iter(model.peft_config.values())).group_size if args.bits else None  # "auto" resolved
+    result = {"model": args.model, "adapter": args.adapter, "bits": args.bits, "group_size": group_size}
     if args.text_file or args.dataset:
         if text is None:
             text = load_eval_text(args.dataset, args.data_dir)

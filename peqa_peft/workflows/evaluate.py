@@ -117,7 +117,7 @@ def load_for_eval(
     model_name: str,
     adapter: Optional[str] = None,
     bits: Optional[int] = None,
-    group_size: Optional[int] = None,
+    group_size: Optional[Union[int, str]] = "auto",
     quant_method: str = "minmax",
     dtype: torch.dtype = torch.float32,
     load_in_4bit: bool = False,

@@ -91,4 +91,27 @@ def _model(name: str) -> ZooModel:
     return MODELS[name]
 
 
-__all__ = ["MODELS", "ZooModel", "available", "cache_dir", "gguf_file", "gguf_path"]
+__all__ = ["MODELS", "ZooModel", "available", "cache_dir", "gguf_file", "gguf_path", "load_dequantized"]
+
+
+def load_dequantized(name: str, dtype=None):
+    """``(model, tokenizer)`` of zoo model ``name``, dequantized to float by transformers' own GGUF loader.
+
+    The weights are the file's quantized blocks turned into plain float tensors (so they are 4-bit values already:
+    a PEQA grid of 32 inputs lines up with Q4_1's / the K-quants' blocks). transformers marks such a model as
+    GGUF-quantized, which would make ``save_pretrained`` refuse and PEFT treat it as a quantized checkpoint; the marker
+    is removed, since the tensors are ordinary float ones.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_path(name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=dtype if dtype is not None else torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    return model, tokenizer

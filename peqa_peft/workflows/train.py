@@ -43,7 +43,7 @@ class TrainConfig:
     dataset: Optional[str] = None
     max_samples: Optional[int] = None
     bits: int = 4
-    group_size: Optional[int] = None
+    group_size: Optional[Union[int, str]] = "auto"  # PeqaConfig's default (see there)
     target_modules: Union[str, list[str]] = "all-linear"
     qft_linear_only: bool = False
     lora_r: int = 8

@@ -31,7 +31,14 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ...core.linear import QuantLinear, linear_weight
 from ...core.packing import pack_bits
-from ...core.quantizer import compute_qparams, quantize, validate_group_size, validate_quant_settings
+from ...core.quantizer import (
+    AUTO,
+    compute_qparams,
+    quantize,
+    resolve_auto_group_size,
+    validate_group_size,
+    validate_quant_settings,
+)
 
 QUANT_METHOD = "peqa"
 _PLACEHOLDER = "weight"
@@ -53,8 +60,10 @@ class PeqaQuantizationConfig(QuantizationConfigMixin):
 
     Args:
         bits: weight bit width, 2..8.
-        group_size: ``None`` for one scale per output channel, else input columns per scale (must divide every
-            targeted layer's ``in_features``).
+        group_size: ``"auto"`` (default: group 32 when 32 divides every targeted layer's ``in_features``, else per
+            output channel; see ``PeqaConfig``; resolved to the concrete value when the model is built), ``None``
+            for one scale per output channel, else input columns per scale (must divide every targeted layer's
+            ``in_features``).
         init_method: ``"mse"`` (clipping search minimising ``||W - W_hat||_F^2``, PEQA's default) or ``"minmax"``.
         search_grid / max_shrink: the clipping search's resolution and largest clipped fraction (as in PeqaConfig).
         target_modules: ``None`` for every linear layer except the output embeddings (``lm_head``), or a list of
@@ -65,7 +74,7 @@ class PeqaQuantizationConfig(QuantizationConfigMixin):
     def __init__(
         self,
         bits: int = 4,
-        group_size: Optional[int] = None,
+        group_size: Optional[int | str] = "auto",
         init_method: str = "mse",
         search_grid: int = 100,
         max_shrink: float = 0.8,
@@ -144,10 +153,15 @@ class PeqaQuantize(ConversionOps):
 def _replace_linears(model: nn.Module, config: PeqaQuantizationConfig, with_placeholder: bool) -> list[str]:
     """Swap the selected linear layers of a meta-device skeleton for ``QuantLinear``s; return their names."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    selected = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not head and config.selects(name)
+    ]
+    if config.group_size == AUTO:  # one concrete value, saved with the model's quantization_config
+        config.group_size = resolve_auto_group_size([linear_weight(m).shape[1] for _, m in selected])
     replaced = []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, (nn.Linear, Conv1D)) or module is head or not config.selects(name):
-            continue
+    for name, module in selected:
         out_features, in_features = linear_weight(module).shape
         validate_group_size(config.group_size, in_features, name)
         layer = QuantLinear(

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...core import QuantLinear
+from ...core.quantizer import AUTO
 from .._base import QuantTunerMixin
 from . import backends
 from .config import PeqaConfig
@@ -99,6 +100,7 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
         is reused.
         """
         targets = self._find_targets(model, config)
+        backends.resolve_group_size(config, targets)
         for key, module in targets.items():
             if not isinstance(module, PeqaLayer):
                 backends.check_target(module, config, key)
@@ -181,6 +183,8 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
     def _check_new_adapter_config(self, config: PeqaConfig) -> None:
         super()._check_new_adapter_config(config)
         others = [c for c in self.peft_config.values() if c is not config]
+        if others and config.group_size == AUTO:
+            config.group_size = others[0].group_size  # one quantized base for all adapters: "auto" is its grid
         for other in others:
             if (other.bits, other.group_size, other.adopt_checkpoint_grid) != (
                 config.bits,

@@ -26,7 +26,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
-from ....core import QuantLinear
+from ....core import QuantLinear, resolve_auto_group_size
+from ....core.quantizer import AUTO
 from ..config import PeqaConfig
 from . import compressed_tensors, dense, gptq, quant_linear
 
@@ -49,6 +50,28 @@ def check_target(module: nn.Module, config: PeqaConfig, key: str) -> ModuleType:
         )
     backend.check(module, config, key)
     return backend
+
+
+def resolve_group_size(config: PeqaConfig, targets: dict[str, nn.Module]) -> None:
+    """Replace ``group_size="auto"`` in ``config`` by the concrete value for these targets (before any check).
+
+    Float layers: :func:`~peqa_peft.quant.resolve_auto_group_size` of their ``in_features``. Layers that are already
+    quantized (a ``QuantLinear`` base, a compressed-tensors or GPTQ checkpoint) keep their own grid: "auto" adopts it
+    (:func:`check_adopted_grid` sets it from the first such layer when no float layer is targeted). The concrete value
+    is what the saved adapter records, so it reloads onto the identical grid whatever a later version's rule says.
+    """
+    if config.group_size != AUTO:
+        return
+    widths = [dense.in_features_of(m) for m in targets.values() if find_backend(m) is dense]
+    existing = {
+        base.group_size
+        for m in targets.values()
+        if isinstance(base := (m.get_base_layer() if isinstance(m, BaseTunerLayer) else m), QuantLinear)
+    }
+    if len(existing) == 1 and not widths:
+        config.group_size = existing.pop()
+    elif widths:
+        config.group_size = resolve_auto_group_size(widths)
 
 
 def to_quant_linear(module: nn.Module, config: PeqaConfig, key: str) -> QuantLinear:
@@ -140,10 +163,15 @@ def hand_over_quantization(model: nn.Module, config: PeqaConfig) -> bool:
 
 
 def check_adopted_grid(bits: int, group_size: int | None, config: PeqaConfig, key: str, source: str) -> None:
-    """A PeqaConfig must state the grid of an already quantized layer (silently re-quantizing would lose it), or
-    ``adopt_checkpoint_grid=True`` lets every such layer keep its own."""
+    """A PeqaConfig must state the grid of an already quantized layer: silently re-quantizing would lose it.
+
+    ``adopt_checkpoint_grid=True`` lets every such layer keep its own grid; ``group_size="auto"`` adopts the group
+    size of the first such layer (the others must then share it).
+    """
     if config.adopt_checkpoint_grid:
         return
+    if config.group_size == AUTO:
+        config.group_size = group_size
     if (bits, group_size) != (config.bits, config.group_size):
         raise ValueError(
             f"Layer '{key}' is already quantized ({source}: bits={bits}, group_size={group_size}) but the PeqaConfig "
@@ -161,5 +189,6 @@ __all__ = [
     "check_target",
     "find_backend",
     "resolve_all_linear",
+    "resolve_group_size",
     "to_quant_linear",
 ]

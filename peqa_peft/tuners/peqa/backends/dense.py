@@ -15,9 +15,12 @@ def matches(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) and getattr(module, "weight", None) is not None
 
 
+def in_features_of(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+
+
 def check(module: nn.Module, config: PeqaConfig, key: str) -> None:
-    in_features = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
-    validate_group_size(config.group_size, in_features, key)
+    validate_group_size(config.group_size, in_features_of(module), key)
 
 
 def to_quant_linear(module: nn.Module, config: PeqaConfig, key: str) -> QuantLinear:
