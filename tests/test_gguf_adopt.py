@@ -1,10 +1,10 @@
 """GGUF in, same GGUF out: ``peqa_peft.load_gguf`` adopts the file's own blocks, ``export(format="gguf")`` rewrites it.
 
 Checked against the owners: gguf-py's ``dequantize`` (every adopted layer), transformers' own ``gguf_file=`` loader
-(logits), llama.cpp (greedy tokens of the unmodified file, and of our tuned export in a process that never imports
-peqa_peft). Real files: SmolLM2-135M Q4_1 (+ Q8_0 embeddings) and Gemma 3 270M Q4_K_M (Q4_K, Q6_K, Q5_0, Q8_0) from
-``peqa_peft.model_zoo``; every other adoptable type on one-layer Llama files written by llama.cpp's own quantizer
-(tests/gguf_fixtures.py).
+(logits), llama.cpp (teacher-forced logits of the unmodified file and of our tuned export, in a process that never
+imports peqa_peft). Real files: SmolLM2-135M Q4_1 (+ Q8_0 embeddings) and Gemma 3 270M Q4_K_M (Q4_K, Q6_K, Q5_0,
+Q8_0) from ``peqa_peft.model_zoo``; every other adoptable type on one-layer Llama files written by llama.cpp's own
+quantizer (tests/gguf_fixtures.py).
 """
 
 from __future__ import annotations
@@ -313,51 +313,75 @@ def test_smollm2_logits_equal_transformers_gguf_loader(smol, smol_path):
     assert (a - b).abs().max().item() < 1e-3, (a - b).abs().max().item()
 
 
-def _greedy(model, ids, n):
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False)
-    return out[0, len(ids) :].tolist()
+# llama.cpp multiplies Q4_1 weights with activations rounded to Q8_1 blocks, so its logits differ from the exact
+# float ones by up to ~1.5 (mean ~0.26) on SmolLM2 (measured: logits up to ~30). Greedy decoding therefore agrees
+# token for token only until the first near-tie; the comparison is teacher-forced instead: same tokens in, the top-1
+# token must agree wherever our top-2 margin exceeds that rounding, and at most positions overall.
+LLAMA_CPP_MARGIN = 1.0
+LLAMA_CPP_MEAN_DIFF = 0.5
+LLAMA_CPP_MIN_AGREEMENT = 0.75
+
+
+def _teacher_forced_llama_cpp(files: dict, ids: list[int], tmp_path) -> dict:
+    """llama.cpp's logits for ``ids`` under each file, computed in a process that never imports peqa_peft."""
+    outputs = {name: str(tmp_path / f"{name}.npy") for name in files}
+    run_fresh(
+        LLAMA_CPP_OPEN
+        + f"""
+import numpy as np
+for name, path in {dict((k, str(v)) for k, v in files.items())!r}.items():
+    llm = open_llama(path, n_ctx=256, n_batch=256, logits_all=True)
+    llm.eval({ids!r})
+    np.save({outputs!r}[name], np.array(llm.scores[: {len(ids)}], dtype=np.float32))
+    llm.close()
+print(json.dumps({{"ok": True}}))
+""",
+        tmp_path,
+    )
+    return {name: np.load(path) for name, path in outputs.items()}
+
+
+def _assert_llama_cpp_agrees(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
+    top2 = np.sort(ours, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > LLAMA_CPP_MARGIN
+    agree = ours.argmax(-1) == theirs.argmax(-1)
+    assert clear.sum() >= 5, f"{what}: too few clear positions to compare ({clear.sum()})"
+    assert agree[clear].all(), (what, np.flatnonzero(clear & ~agree))
+    assert agree.mean() >= LLAMA_CPP_MIN_AGREEMENT, (what, agree.mean())
+    assert np.abs(ours - theirs).mean() < LLAMA_CPP_MEAN_DIFF, (what, np.abs(ours - theirs).mean())
 
 
 @pytest.mark.slow
 def test_smollm2_round_trip_through_llama_cpp(smol, smol_path, tmp_path, data_dir):
-    """Unmodified file: llama.cpp's greedy tokens == ours. Adopt -> 3 AdamW steps on the scales -> export: the
-    tuned file, read by llama.cpp in a process that never imports peqa_peft, generates our tuned tokens."""
+    """Unmodified file and our tuned export (adopt -> 3 AdamW steps on the scales -> export), each read by llama.cpp
+    in a process that never imports peqa_peft: llama.cpp's logits match ours (teacher-forced, see above), and for the
+    tuned file they match the tuned model far better than the untuned one, so the export carries the tuning."""
     pytest.importorskip("llama_cpp")
     from peqa_peft.workflows.evaluate import load_eval_text
 
     tokenizer = peqa_peft.load_gguf_tokenizer(smol)
-    prompt = "The capital of France is"
-    ids = tokenizer(prompt).input_ids
-    n = 16
+    text = load_eval_text("wikitext2", data_dir)[:6000]
+    ids = tokenizer(text[3000:]).input_ids[:64]
+    train_ids = torch.tensor([tokenizer(text[:3000]).input_ids[:128]])
     # uncompiled kernels (same results): compiling each layer shape costs minutes on a loaded 2-core machine, and the
     # kernels are not what this test is about (tests/test_fast_paths.py compares them with the reference)
-    with kernels("eager"):
-        untuned = _greedy(smol, ids, n)
-        model = get_peft_model(smol, PeqaConfig(bits=4, group_size=32, task_type="CAUSAL_LM"))
-        try:
-            text = load_eval_text("wikitext2", data_dir)[:4000]
-            train_ids = torch.tensor([tokenizer(text).input_ids[:128]])
-            _tune(model, train_ids, steps=3, lr=1e-2)
-            tuned = _greedy(model, ids, n)
+    with kernels("eager"), torch.no_grad():
+        untuned = smol(torch.tensor([ids])).logits[0].numpy()
+    model = get_peft_model(smol, PeqaConfig(bits=4, group_size=32, task_type="CAUSAL_LM"))
+    try:
+        with kernels("eager"):
+            _tune(model, train_ids, steps=3, lr=3e-3)
+            with torch.no_grad():
+                tuned = model(torch.tensor([ids])).logits[0].numpy()
             out = export(model, tmp_path / "tuned", format="gguf")
-        finally:
-            model.unload()
-    assert tuned != untuned, "the tuning must change the greedy tokens, or this test could not fail"
-    got = run_fresh(
-        LLAMA_CPP_OPEN
-        + f"""
-llm = open_llama({str(smol_path)!r}, n_ctx=128, n_batch=128)
-source = greedy(llm, {ids!r}, {n})
-llm.close()
-llm = open_llama({str(out / "model.gguf")!r}, n_ctx=128, n_batch=128)
-tuned = greedy(llm, {ids!r}, {n})
-llm.close()
-print(json.dumps({{"source": source, "tuned": tuned}}))
-""",
-        tmp_path,
-    )
-    assert got == {"source": untuned, "tuned": tuned}
+    finally:
+        model.unload()
+    cpp = _teacher_forced_llama_cpp({"source": smol_path, "tuned": out / "model.gguf"}, ids, tmp_path)
+    _assert_llama_cpp_agrees(untuned, cpp["source"], "unmodified file")
+    _assert_llama_cpp_agrees(tuned, cpp["tuned"], "tuned export")
+    # the tuning moved the logits by much more than llama.cpp's rounding, and the exported file follows it
+    to_tuned, to_untuned = np.abs(cpp["tuned"] - tuned).mean(), np.abs(cpp["tuned"] - untuned).mean()
+    assert to_tuned < 0.5 * to_untuned, (to_tuned, to_untuned)
 
 
 @pytest.mark.slow
