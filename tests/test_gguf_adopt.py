@@ -393,3 +393,23 @@ def test_gemma3_q4_k_m_adoption():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     peft_model = get_peft_model(model, PeqaConfig(adopt_checkpoint_grid=True, task_type="CAUSAL_LM"))
     peft_model.print_trainable_parameters()
+
+
+def test_non_finite_block_min_is_refused_naming_the_tensor(quantized_dir, tmp_path):
+    """Adopted GGUF layers get the adopted-checkpoint checks: a Q4_1 block whose fp16 min is NaN is one clear error
+    naming the file and tensor (not a layer that silently outputs NaN)."""
+    import shutil
+
+    import gguf
+
+    source = llama_cpp_quantized(quantized_dir, "Q4_1")
+    broken = tmp_path / "nan-min.gguf"
+    shutil.copy(source, broken)
+    reader = gguf.GGUFReader(str(source))
+    tensor = next(t for t in reader.tensors if t.name.endswith("attn_q.weight"))
+    assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_1
+    with open(broken, "r+b") as f:  # a Q4_1 block: fp16 d, fp16 m, 16 bytes of nibbles
+        f.seek(int(tensor.data_offset) + 2)
+        f.write(np.array([np.nan], dtype=np.float16).tobytes())
+    with pytest.raises(ValueError, match=rf"nan-min\.gguf: tensor '{tensor.name}'.*non-finite"):
+        load_gguf(broken)

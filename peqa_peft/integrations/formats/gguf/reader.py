@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from ....core import QuantLinear, pack_bits
+from ... import validation
 
 SOURCE_ATTRIBUTE = "peqa_gguf_source"
 
@@ -197,11 +198,33 @@ def _perm_tuple(perm: Optional[np.ndarray]) -> Optional[tuple[int, ...]]:
 
 
 def _quant_linear(
-    codec, type_name: str, raw: np.ndarray, module: nn.Linear, perm: Optional[np.ndarray]
+    codec, type_name: str, raw: np.ndarray, module: nn.Linear, perm: Optional[np.ndarray], where: str
 ) -> QuantLinear:
-    """A ``QuantLinear`` holding the file's blocks of one tensor (rows re-ordered like transformers does)."""
+    """A ``QuantLinear`` holding the file's blocks of one tensor (rows re-ordered like transformers does).
+
+    The decoded tensors pass the checks every adopted checkpoint layer gets (:mod:`..validation`): finite scales (of
+    either sign: Q3_K/Q6_K sub-scales are signed), codes and integral zero-points inside the grid, finite fractional
+    zero-points (``-m/d``), shapes.
+    """
     grid = codec.GRIDS[type_name]
-    codes, scale, zero = codec.decode(type_name, raw, module.in_features)
+    try:
+        codes, scale, zero = codec.decode(type_name, raw, module.in_features)
+    except ValueError as err:  # the codec checks the raw blocks (e.g. a NaN fp16 d); say which file and tensor
+        raise ValueError(f"{where}: {err}") from None
+    fractional = zero.is_floating_point()
+    validation.check_quantized_layer(
+        where,
+        grid.bits,
+        module.out_features,
+        module.in_features,
+        grid.group_size,
+        scale,
+        zero_point=None if fractional else zero,
+        codes=codes,
+        sign="any",
+    )
+    if fractional:
+        validation.check_finite(zero, where, "zero_point")
     if perm is not None:
         index = torch.from_numpy(perm)
         codes, scale, zero = codes[index], scale[index], zero[index]
@@ -310,7 +333,9 @@ def load_gguf(
                 why = f"in_features={module.in_features} is not whole {type_name} blocks"
             if why is None:
                 module_name = hf_name.removesuffix(".weight")
-                layer = _quant_linear(codec, type_name, np.asarray(tensor.data), module, perm)
+                layer = _quant_linear(
+                    codec, type_name, np.asarray(tensor.data), module, perm, f"{path}: tensor '{tensor.name}'"
+                )
                 model.set_submodule(module_name, layer)
                 refs.append(GGUFTensorRef(tensor.name, type_name, hf_name, True, _perm_tuple(perm), linear=True))
                 continue
