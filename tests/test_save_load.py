@@ -42,7 +42,8 @@ def test_registration_is_idempotent_and_complete():
 
 
 def test_save_writes_only_scale_deltas_and_fingerprint(tmp_path):
-    model = trained_adapter(tiny_llama())
+    # per output channel (explicitly: the default "auto" picks group 32 for this model's widths, tested below)
+    model = trained_adapter(tiny_llama(), group_size=None)
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "README.md",
@@ -58,6 +59,15 @@ def test_save_writes_only_scale_deltas_and_fingerprint(tmp_path):
     assert fingerprint["bits"] == 4 and len(fingerprint["layers"]) == 14
     card = (tmp_path / "README.md").read_text()
     assert "method: PEQA" in card and "bits: 4" in card and "group_size: none (per output channel)" in card
+
+
+def test_auto_group_size_is_saved_as_its_resolved_value(tmp_path):
+    """group_size="auto" (the default) resolves to 32 on a model whose widths 32 divides; the saved adapter and its
+    fingerprint record 32, so it reloads onto the identical grid."""
+    model = trained_adapter(tiny_llama())
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["group_size"] == 32 and config["base_fingerprint"]["group_size"] == 32
 
 
 def test_reload_in_same_process_identical_logits(tmp_path):
