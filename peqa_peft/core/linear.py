@@ -91,9 +91,17 @@ class QuantLinear(nn.Module):
         method: QuantMethod = "mse",
         grid: int = 100,
         max_shrink: float = 0.8,
+        weight: Optional[torch.Tensor] = None,
     ) -> QuantLinear:
-        """Quantize an ``nn.Linear`` / ``Conv1D`` (its weight is read, not modified). See :func:`compute_qparams`."""
-        weight = linear_weight(module)
+        """Quantize an ``nn.Linear`` / ``Conv1D`` (its weight is read, not modified). See :func:`compute_qparams`.
+
+        ``weight``: quantize this tensor instead of ``module.weight`` (same layout and shape; e.g. the checkpoint's
+        float32 copy of a bfloat16 weight, see :mod:`peqa_peft.integrations.transformers.stored_weights`).
+        """
+        if weight is None:
+            weight = linear_weight(module)
+        elif is_transposed_linear(module):
+            weight = weight.t()
         out_features, in_features = weight.shape
         bias = getattr(module, "bias", None)
         new = cls(in_features, out_features, bits, group_size, bias=bias is not None, device=torch.device("meta"))

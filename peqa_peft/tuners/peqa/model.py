@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -11,11 +12,14 @@ from tqdm.auto import tqdm
 
 from ...core import QuantLinear
 from ...core.quantizer import AUTO
+from ...integrations.transformers.stored_weights import StoredWeights
 from .._base import QuantTunerMixin
 from . import backends
 from .config import PeqaConfig
 from .layer import Linear, PeqaLayer
 from .validation import layer_fingerprint, verify_fingerprint
+
+logger = logging.getLogger(__name__)
 
 
 class PeqaModel(QuantTunerMixin, BaseTuner):
@@ -107,8 +111,15 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
         to_convert = {k: m for k, m in targets.items() if not isinstance(m, (QuantLinear, PeqaLayer))}
         pending = {}
         progress = tqdm(to_convert.items(), desc=f"PEQA: {config.bits}-bit base layers", unit="layer")
+        stored = StoredWeights(model)  # 16-bit loaded weights are quantized from the checkpoint's own float32
         for key, module in progress:
-            pending[key] = backends.to_quant_linear(module, config, key)
+            pending[key] = backends.to_quant_linear(module, config, key, stored.weight_for(key, module))
+        if stored.used:
+            logger.info(
+                "PEQA: quantized %d layer(s) from the checkpoint's stored weights (the loaded ones are their "
+                "16-bit rounding), so the codes match a float32 load of the same checkpoint",
+                stored.used,
+            )
         self._verify_fingerprint(
             {**{k: m for k, m in targets.items() if isinstance(m, (QuantLinear, PeqaLayer))}, **pending}, config
         )

@@ -74,9 +74,13 @@ def resolve_group_size(config: PeqaConfig, targets: dict[str, nn.Module]) -> Non
         config.group_size = resolve_auto_group_size(widths)
 
 
-def to_quant_linear(module: nn.Module, config: PeqaConfig, key: str) -> QuantLinear:
-    """The packed base layer for ``module`` (checked first)."""
-    layer = check_target(module, config, key).to_quant_linear(module, config, key)
+def to_quant_linear(module: nn.Module, config: PeqaConfig, key: str, stored=None) -> QuantLinear:
+    """The packed base layer for ``module`` (checked first); ``stored``: a float layer's weight as stored (at a
+    higher precision than the loaded one), quantized instead of the loaded weight."""
+    backend = check_target(module, config, key)
+    if stored is not None and backend is not dense:
+        raise TypeError(f"layer '{key}': a stored float weight was given for a {backend.NAME} layer")
+    layer = backend.to_quant_linear(module, config, key, *(() if stored is None else (stored,)))
     source_bias = getattr(module, "bias", None)
     if layer.bias is not None and layer.bias.is_meta and source_bias is not None and not source_bias.is_meta:
         # PEFT builds new layers under `init_empty_weights` when low_cpu_mem_usage=True, which puts every parameter

@@ -23,7 +23,8 @@ def check(module: nn.Module, config: PeqaConfig, key: str) -> None:
     validate_group_size(config.group_size, in_features_of(module), key)
 
 
-def to_quant_linear(module: nn.Module, config: PeqaConfig, key: str) -> QuantLinear:
+def to_quant_linear(module: nn.Module, config: PeqaConfig, key: str, weight=None) -> QuantLinear:
+    """Quantize ``module.weight``, or ``weight`` (the same values at a higher precision, as stored) if given."""
     return QuantLinear.from_linear(
-        module, config.bits, config.group_size, config.init_method, config.search_grid, config.max_shrink
+        module, config.bits, config.group_size, config.init_method, config.search_grid, config.max_shrink, weight
     )
