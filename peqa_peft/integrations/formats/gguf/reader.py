@@ -37,6 +37,7 @@ set again whenever the base is loaded again (``load_gguf`` then ``PeftModel.from
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import warnings
@@ -79,6 +80,15 @@ class GGUFSource:
     dtype: torch.dtype = torch.float32  # the dtype load_gguf gave the float tensors
     processor_config: dict = field(default_factory=dict)  # what transformers' tensor processor was built with
     _reader: Any = field(default=None, repr=False, compare=False)
+
+    def __deepcopy__(self, memo):
+        # A copied model (copy.deepcopy(model)) re-opens the file when it needs it: deep-copying the reader would
+        # read the whole memory-mapped file into RAM and leave a copy without a file name.
+        copied = copy.copy(self)
+        copied.tensors = list(self.tensors)
+        copied.processor_config = copy.deepcopy(self.processor_config, memo)
+        copied._reader = None
+        return copied
 
     def reader(self):
         """gguf-py's ``GGUFReader`` of the source file (opened once, memory-mapped)."""
@@ -125,7 +135,8 @@ def _shared_reader(reader) -> Iterator[None]:
     """
     import gguf
 
-    path = os.path.realpath(reader.data.filename) if hasattr(reader.data, "filename") else None
+    filename = getattr(reader.data, "filename", None)
+    path = os.path.realpath(filename) if filename else None
     original = gguf.GGUFReader
 
     def cached(p, *args, **kwargs):
