@@ -34,11 +34,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from peqa_peft.core.qft.tensor import _quantize_grad_rows  # noqa: E402
+from peqa_peft.core.qft.grad import GRAD_MAXQ, quantize_grad_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "assets" / "data" / "wikitext2_valid.tokens.txt"
-_GRAD_MAXQ = 127
 
 
 def micro_batch_grads(model_path: str, ranks: int, batch: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
@@ -61,7 +60,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def store(g: torch.Tensor) -> torch.Tensor:
     """What QFT stores for a float gradient: int8 codes with per-row scales (dequantized for comparison)."""
-    return dequantize(*_quantize_grad_rows(g))
+    return dequantize(*quantize_grad_rows(g))
 
 
 def _shared_codes(rank_grads: list[torch.Tensor], levels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +75,8 @@ def schemes(rank_grads: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The stored gradient of each all-reduce scheme for one weight."""
     n = len(rank_grads)
     own = torch.stack([store(g) for g in rank_grads]).mean(0)
-    shared, shared_scale = _shared_codes(rank_grads, _GRAD_MAXQ)
-    safe, safe_scale = _shared_codes(rank_grads, _GRAD_MAXQ // n)  # sums of n codes stay within int8
+    shared, shared_scale = _shared_codes(rank_grads, GRAD_MAXQ)
+    safe, safe_scale = _shared_codes(rank_grads, GRAD_MAXQ // n)  # sums of n codes stay within int8
     return {
         "fp32 all-reduce": store(sum(rank_grads) / n),
         "int8, own scales": store(own),

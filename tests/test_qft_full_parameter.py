@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peqa_peft import IntLion, QftConfig
-from peqa_peft.core.qft.tensor import _quantize_grad_rows
+from peqa_peft.core.qft.grad import quantize_grad_rows
 from peqa_peft.tuners.qft import Int8Grad, QftLayer, QftWeight, qft_embedding
 
 
@@ -42,7 +42,7 @@ def test_embedding_int8_gradient_is_the_quantized_reference():
     nn.functional.embedding(ids, dense).backward(upstream)
     qft_embedding(ids, weight).backward(upstream)
     assert isinstance(weight.grad, Int8Grad)
-    codes, scale = _quantize_grad_rows(dense.grad)
+    codes, scale = quantize_grad_rows(dense.grad)
     assert torch.equal(weight.grad.codes, codes) and torch.equal(weight.grad.scale, scale)
 
 

@@ -14,7 +14,8 @@ import torch
 
 from ..chunks import row_chunks
 from .hooks import sync_grad_chunk_
-from .tensor import GradientRows, QftWeight
+from .int8_grad import GradientRows
+from .weight import QftWeight
 
 
 def dequantize_row_index(weight: QftWeight, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -30,6 +30,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ...core.qft.grad import quantize_grad_rows
+from ...core.qft.weight import QftWeight
+
 _GROUP: dict[str, Optional[object]] = {"group": None}
 
 
@@ -62,10 +65,8 @@ def _average_fp32_(chunk: torch.Tensor) -> None:
 
 
 def _average_int8_(chunk: torch.Tensor) -> None:
-    from ...core.qft.tensor import _quantize_grad_rows
-
     world = dist.get_world_size()
-    codes, scale = _quantize_grad_rows(chunk)
+    codes, scale = quantize_grad_rows(chunk)
     all_codes = codes.new_empty((world * codes.shape[0], codes.shape[1]))
     all_scales = scale.new_empty((world * scale.shape[0], 1))
     dist.all_gather_single(all_codes, codes, group=_GROUP["group"])
@@ -93,8 +94,6 @@ def ddp_ignored_names(model: torch.nn.Module, prefixes: tuple[str, ...], mode: s
 
     Also marks them for gradient averaging in ``mode`` (see :func:`enable_grad_sync`).
     """
-    from ...core.qft.tensor import QftWeight
-
     weights = [(name, p) for name, p in model.named_parameters() if isinstance(p, QftWeight)]
     enable_grad_sync([p for _, p in weights], mode)
     return [prefix + name for prefix in prefixes for name, _ in weights]

@@ -28,19 +28,14 @@ with rows an integer weight cannot represent); other layouts are refused with a 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 
-if TYPE_CHECKING:
-    from ...core.qft.tensor import QftWeight
-
+from ...core.qft.hooks import pad_index
+from ...core.qft.weight import QftWeight
 
 _WARNED = {"int8_grad": False}
-
-
-# The padding index is part of the weight's storage format, so it lives with the weight.
-from ...core.qft.hooks import pad_index  # noqa: E402
 
 
 def _outlier_counts(weight: QftWeight, rows_per_shard: int) -> torch.Tensor:
@@ -121,8 +116,6 @@ def post_all_gather(
     Returns ``(weight, inner tensors FSDP2 may free)``; with ``out`` (FSDP2's later all-gathers) the gathered
     values are written into ``out`` instead, whose codes/scales/zero-points already view the gathered buffers.
     """
-    from ...core.qft.tensor import QftWeight
-
     codes, scale, zero, idx, val = outputs
     world, refresh_every, int8_grad = metadata
     rows_per_shard = codes.shape[0] // world

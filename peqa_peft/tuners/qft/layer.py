@@ -12,7 +12,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...core.qft.embedding import qft_embedding
-from ...core.qft.tensor import WEIGHT_FIELDS, QftWeight, qft_linear
+from ...core.qft.linear import qft_linear
+from ...core.qft.weight import WEIGHT_FIELDS, QftWeight
 from ...integrations.distributed import fsdp
 from .config import QftConfig
 

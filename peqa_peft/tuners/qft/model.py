@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, _maybe_include_all_linear_layers
 from torch import nn
 
-from ...core.qft.tensor import QftWeight
+from ...core.qft.weight import QftWeight
 from ...integrations.distributed.ddp import ddp_ignored_names
 from .._base import QuantTunerMixin
 from .config import QftConfig
@@ -65,7 +65,7 @@ class QftModel(QuantTunerMixin, BaseTuner):
     """Creates a QFT model from a pretrained transformers model (use it through ``peft.get_peft_model``).
 
     Every targeted ``nn.Linear`` / ``Conv1D`` is wrapped by a :class:`peqa_peft.tuners.qft.Linear` whose only weight
-    is a trainable :class:`~peqa_peft.core.qft.tensor.QftWeight` (int8 codes + per-channel scales + float
+    is a trainable :class:`~peqa_peft.core.qft.weight.QftWeight` (int8 codes + per-channel scales + float
     outliers); the float weight is released. Train it with :class:`peqa_peft.optim.IntLion`. Non-targeted
     parameters are frozen unless listed in ``modules_to_save``. All targets are validated before the first module
     is replaced, so a failing call leaves the model as it was.

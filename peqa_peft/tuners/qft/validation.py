@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...core.qft.tensor import WEIGHT_FIELDS
+from ...core.qft.weight import WEIGHT_FIELDS
 from ...integrations import validation
 
 _PARAM = "qft_weight"
