@@ -197,3 +197,33 @@ def test_fused_mse_search_matches_candidate_loop(bits, group_size):
     with kernels.kernels("eager"):
         loop = compute_qparams(w, bits, group_size)
     torch.testing.assert_close(fused, loop, rtol=0, atol=0)
+
+
+def test_compiled_kernels_leave_dynamos_recompile_limit_alone(monkeypatch):
+    """A PEQA forward in compiled mode raises dynamo's recompile limit only while its kernel may compile: the
+    process-wide value a user's own ``torch.compile`` reads is the same before and after."""
+    seen = []
+
+    def fake_compile(fn, **options):  # records the limit each compiled call runs under; computes eagerly
+        def run(*args):
+            seen.append(torch._dynamo.config.recompile_limit)
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setattr(kernels, "_compiled_signatures", set())
+    monkeypatch.setattr(kernels.torch, "compile", fake_compile)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    packed, scale, zero, bias = _case(4, None)
+    x = torch.randn(3, IN_F)
+    with kernels.kernels("compiled"):
+        first = packed_linear(x, packed, scale, zero, 4, OUT_F, IN_F, bias)
+        again = packed_linear(x, packed, scale, zero, 4, OUT_F, IN_F, bias)
+    with kernels.kernels("reference"):
+        ref = packed_linear(x, packed, scale, zero, 4, OUT_F, IN_F, bias)
+    assert torch._dynamo.config.recompile_limit == 8
+    assert seen[0] == kernels._RECOMPILE_LIMIT  # the first call with a signature may compile: raised for it
+    assert seen[-1] == 8  # a repeated signature has its graph: the user's setting
+    torch.testing.assert_close(first, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, first)

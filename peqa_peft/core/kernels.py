@@ -11,7 +11,10 @@ permuted the same way, which :func:`to_planes` / :func:`from_planes` do on the a
 to the weight). Where a layer does not fit plane order (``in_features`` or the group size not a multiple of ``k``)
 the codes are unpacked in natural order (``k = 1``); the rest is the same code.
 
-Three modes, chosen by ``PEQA_KERNELS`` (env var, read at import) or :func:`set_kernel_mode`:
+Three modes, chosen by ``PEQA_KERNELS`` (env var, read at the first kernel call), for a block of code by the context
+manager :func:`kernels` (``with kernels("eager"): ...``) or for the process by :func:`set_kernel_mode`; the library
+itself changes the mode only when compiling fails (below, with a warning). Compiling raises dynamo's recompile limit
+only for the calls that may compile, never in the process-wide config a user's own ``torch.compile`` reads.
 
 - ``"compiled"`` (default): the kernels go through ``torch.compile`` for calls on at least ``COMPILE_MIN_WEIGHTS``
   weights (smaller ones run uncompiled); if compiling fails once (no C++ compiler, an unsupported device) a warning
@@ -37,8 +40,9 @@ KERNEL_MODES = ("compiled", "eager", "reference")
 _ENV_VAR = "PEQA_KERNELS"
 # Distinct layer shapes x bit widths x dtypes each compile once (dynamic=False); a Llama has 4 linear shapes, so a
 # model with a few bit widths and dtypes stays far below this, and nothing falls back to eager silently. Dynamo's
-# limit (8 by default) is raised to this once, process-wide, at the first compile (a context manager around every
-# call would cost ~20 us per call, as much as a small layer's whole decode kernel).
+# limit (8 by default) is raised to this only while one of these kernels may compile -- the first call with a new
+# argument signature, see _run -- so the process-wide setting a user's own torch.compile sees never changes.
+# (Patching the config around every call would cost ~20-60 us per call, as much as a small layer's decode kernel.)
 _RECOMPILE_LIMIT = 256
 # Reduction splits tried (largest first) for the per-channel decode product: independent partial sums vectorize.
 _DECODE_SPLITS = (16, 8, 4, 2, 1)
@@ -213,6 +217,16 @@ def _group_dot(
 
 
 _compiled: dict[str, Callable] = {}
+# (kernel name, argument signature) of the calls that have run compiled: their graph exists, no compile can follow.
+_compiled_signatures: set[tuple] = set()
+
+
+def _signature(args: tuple) -> tuple:
+    """What dynamo's guards of a ``dynamic=False`` compile look at: grad mode, each tensor's shape, strides, dtype,
+    device and requires_grad, and every other argument's value. A call with a new signature may compile."""
+    return (torch.is_grad_enabled(),) + tuple(
+        (a.shape, a.stride(), a.dtype, a.device, a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args
+    )
 
 
 def compiles(numel: int) -> bool:
@@ -232,10 +246,16 @@ def _run(name: str, fn: Callable, *args, eager: Optional[Callable] = None, dynam
         if compiled is None:
             compiled = torch.compile(fn, dynamic=dynamic, fullgraph=True, options=_INDUCTOR_OPTIONS)
             _compiled[name] = compiled
-            dynamo_config = torch._dynamo.config
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
         try:
-            return compiled(*args)
+            signature = (name, _signature(args))
+            if signature in _compiled_signatures:
+                return compiled(*args)
+            # A new signature may compile: raise dynamo's per-function recompile limit for this call only.
+            dynamo_config = torch._dynamo.config
+            with dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)):
+                out = compiled(*args)
+            _compiled_signatures.add(signature)
+            return out
         except Exception as exc:  # no C++ compiler, an unsupported device or dtype: same math, uncompiled
             warnings.warn(
                 f"peqa_peft: torch.compile of the packed-weight kernel {name!r} failed "
