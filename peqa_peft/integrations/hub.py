@@ -107,6 +107,37 @@ def push_folder_to_hub(
     """
     if not any(Path(folder).rglob("adapter_config.json")):
         raise FileNotFoundError(f"{folder} holds no adapter_config.json; nothing to push")
+    return upload_folder(
+        folder,
+        repo_id,
+        private=private,
+        token=token,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+        allow_patterns=allow_patterns,
+    )
+
+
+def upload_folder(
+    folder: str,
+    repo_id: str,
+    *,
+    commit_message: str,
+    private: Optional[bool] = None,
+    token: Optional[str] = None,
+    commit_description: Optional[str] = None,
+    revision: Optional[str] = None,
+    create_pr: bool = False,
+    allow_patterns: Optional[list[str]] = None,
+):
+    """The one Hub upload of peqa_peft: create ``repo_id`` (and the branch ``revision``) if needed and upload
+    ``folder`` (the files matching ``allow_patterns``; None: all) in one commit. Returns the commit info.
+
+    Used for adapters (:func:`push_folder_to_hub`) and for merged compressed-tensors models
+    (:func:`peqa_peft.integrations.formats.compressed_tensors.merged.push_to_hub`).
+    """
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and not revision.startswith("refs/pr"):

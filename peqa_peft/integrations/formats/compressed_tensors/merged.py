@@ -158,13 +158,11 @@ def push_to_hub(
 
     with tempfile.TemporaryDirectory() as tmp:
         self.save_pretrained(tmp, tokenizer=tokenizer, **save_kwargs)
-        api = hub.HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if revision is not None and not revision.startswith("refs/pr"):
-            api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=tmp,
+        return hub.upload_folder(
+            tmp,
+            repo_id,
+            private=private,
+            token=token,
             commit_message=commit_message or "Upload PEQA model (compressed-tensors)",
             commit_description=commit_description,
             revision=revision,
