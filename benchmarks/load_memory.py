@@ -43,6 +43,8 @@ def write_checkpoint(directory: Path, shape: dict, layers_per_shard: int = 4) ->
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
+    from peqa_peft.core.memory import tensor_bytes  # the package's one byte counter (plain tensors here)
+
     config = LlamaConfig(
         **shape, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048, dtype="float32"
     )
@@ -78,7 +80,7 @@ def write_checkpoint(directory: Path, shape: dict, layers_per_shard: int = 4) ->
         else:
             tensors = {"model.norm.weight": torch.ones(h), "lm_head.weight": rand(v, h)}
         save_file(tensors, directory / name, metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        total += sum(tensor_bytes(t) for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, name))
         del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -112,6 +114,7 @@ class Sampler(threading.Thread):
 
 def model_bytes(model) -> dict[str, int]:
     from peqa_peft import QuantLinear
+    from peqa_peft.core.memory import tensor_bytes  # the package's one byte counter
 
     packed = float_bytes = 0
     for module in model.modules():
@@ -124,7 +127,7 @@ def model_bytes(model) -> dict[str, int]:
         if "base_layer.bias" in name:
             continue  # counted with its QuantLinear
         seen.add(tensor.data_ptr())
-        float_bytes += tensor.numel() * tensor.element_size()
+        float_bytes += tensor_bytes(tensor)
     return {"packed_linears": packed, "float_rest": float_bytes, "total": packed + float_bytes}
 
 

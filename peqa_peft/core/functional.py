@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .packing import unpack_bits
-from .quantizer import num_groups
+from .quantizer import dequantize, num_groups
 
 # Rows of the weight are dequantized and multiplied one block at a time: a block of this many entries (4 MiB in
 # fp32) stays in cache between the kernel that writes it and the matmul that reads it, and reusing small blocks
@@ -51,10 +51,8 @@ def dequantize_codes(
 
     Plain PyTorch and differentiable in ``scale`` and ``zero_point``: the reference of the fused kernels.
     """
-    out_features, in_features = codes.shape
-    q = codes.view(out_features, scale.shape[1], -1).to(dtype)
-    w = (q - zero_point.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)
-    return w.view(out_features, in_features)
+    groups = scale.shape[1]
+    return dequantize(codes, scale, zero_point, None if groups == 1 else codes.shape[1] // groups, dtype)
 
 
 def dequantize_packed(

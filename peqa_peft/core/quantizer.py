@@ -243,10 +243,23 @@ def dequantize(
     return w.reshape(codes.shape)
 
 
+@torch.no_grad()
+def quantize_weight(
+    weight: torch.Tensor, bits: int, group_size: Optional[int] = None, method: QuantMethod = "mse", **search_kwargs
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, scale, zero_point)`` of a float ``(out_features, in_features)`` weight (the one float quantizer).
+
+    :func:`compute_qparams` (``method``, ``grid``, ``max_shrink``) then :func:`quantize`; codes are ``uint8`` of the
+    weight's shape, ``scale`` / ``zero_point`` float32 ``(out_features, n_groups)``. Used by ``QuantLinear``, the
+    transformers quantizer (quantize-on-load), QFT's ``QftWeight`` and :func:`fake_quantize`.
+    """
+    scale, zero = compute_qparams(weight, bits, group_size, method, **search_kwargs)
+    return quantize(weight, scale, zero, bits, group_size), scale, zero
+
+
 def fake_quantize(
     weight: torch.Tensor, bits: int, group_size: Optional[int] = None, method: QuantMethod = "mse", **search_kwargs
 ) -> torch.Tensor:
     """Quantize then dequantize ``weight`` (in its own dtype): the RTN / PEQA-init reference in one call."""
-    scale, zero = compute_qparams(weight, bits, group_size, method, **search_kwargs)
-    codes = quantize(weight, scale, zero, bits, group_size)
+    codes, scale, zero = quantize_weight(weight, bits, group_size, method, **search_kwargs)
     return dequantize(codes, scale, zero, group_size, dtype=weight.dtype)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from ..chunks import row_chunks
+from ..memory import tensor_bytes
 from .dispatch import NOT_HANDLED, IntegerTensor
 from .grad import quantize_grad_rows
 
@@ -60,7 +61,8 @@ class Int8Grad(IntegerTensor):
         return bool(torch.isfinite(self.scale).all())
 
     def storage_bytes(self) -> int:
-        return self.codes.numel() * self.codes.element_size() + self.scale.numel() * self.scale.element_size()
+        """Bytes of the codes and row scales."""
+        return tensor_bytes(self.codes) + tensor_bytes(self.scale)
 
     def _requantize_(self, value: torch.Tensor) -> Int8Grad:
         fresh = Int8Grad.from_float(value, self.dtype)

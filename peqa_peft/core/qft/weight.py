@@ -19,7 +19,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..quantizer import compute_qparams, quantize
+from ..memory import tensor_bytes
+from ..quantizer import quantize_weight
 from . import fsdp_ops, hooks
 from .dispatch import NOT_HANDLED, IntegerTensor
 
@@ -102,8 +103,7 @@ class QftWeight(IntegerTensor):
         idx = torch.topk(w.abs().flatten(), k, sorted=False).indices.sort().values if k else w.new_zeros(0).long()
         dense = w.clone()
         dense.view(-1)[idx] = 0.0  # outliers live only in float: they must not stretch the int8 range
-        scale, zero = compute_qparams(dense, bits=WEIGHT_BITS, method=method)
-        codes = quantize(dense, scale, zero, WEIGHT_BITS)
+        codes, scale, zero = quantize_weight(dense, WEIGHT_BITS, method=method)
         vals = w.view(-1)[idx].clone()
         return cls(codes, scale, zero, idx.to(_index_dtype(w.numel())), vals, weight.dtype, int8_grad, refresh_every)
 
@@ -165,7 +165,7 @@ class QftWeight(IntegerTensor):
 
     def storage_bytes(self) -> int:
         """Bytes of all tensors that store this weight."""
-        return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
+        return sum(tensor_bytes(t) for t in self.state_tensors().values())
 
     @property
     def num_outliers(self) -> int:

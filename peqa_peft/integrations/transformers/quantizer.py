@@ -29,16 +29,16 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ...core.linear import QuantLinear, linear_weight
+from ...core.linear import QuantLinear
 from ...core.packing import pack_bits
 from ...core.quantizer import (
     AUTO,
-    compute_qparams,
-    quantize,
+    quantize_weight,
     resolve_auto_group_size,
     validate_group_size,
     validate_quant_settings,
 )
+from ...core.shapes import linear_shape
 
 QUANT_METHOD = "peqa"
 _PLACEHOLDER = "weight"
@@ -129,10 +129,14 @@ class PeqaQuantize(ConversionOps):
             prefix = param_name[: -len(_PLACEHOLDER)]
             if module.source_is_conv1d:
                 weight = weight.t()  # Conv1D stores (in_features, out_features)
-            scale, zero = compute_qparams(
-                weight, config.bits, config.group_size, config.init_method, config.search_grid, config.max_shrink
+            codes, scale, zero = quantize_weight(
+                weight,
+                config.bits,
+                config.group_size,
+                config.init_method,
+                grid=config.search_grid,
+                max_shrink=config.max_shrink,
             )
-            codes = quantize(weight, scale, zero, config.bits, config.group_size)
             del weight
             result[prefix + "qweight"] = pack_bits(codes, config.bits)
             result[prefix + "scale"] = scale
@@ -159,10 +163,10 @@ def _replace_linears(model: nn.Module, config: PeqaQuantizationConfig, with_plac
         if isinstance(module, (nn.Linear, Conv1D)) and module is not head and config.selects(name)
     ]
     if config.group_size == AUTO:  # one concrete value, saved with the model's quantization_config
-        config.group_size = resolve_auto_group_size([linear_weight(m).shape[1] for _, m in selected])
+        config.group_size = resolve_auto_group_size([linear_shape(m)[1] for _, m in selected])
     replaced = []
     for name, module in selected:
-        out_features, in_features = linear_weight(module).shape
+        out_features, in_features = linear_shape(module)
         validate_group_size(config.group_size, in_features, name)
         layer = QuantLinear(
             in_features, out_features, config.bits, config.group_size, bias=module.bias is not None, device="meta"

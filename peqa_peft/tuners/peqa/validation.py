@@ -11,9 +11,9 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ...core import QuantLinear, num_groups
+from ...core.shapes import linear_shape
 from ...integrations import validation
 
 PEQA_PARAM_NAMES = ("peqa_scale", "peqa_zero_point")
@@ -35,12 +35,11 @@ def expected_delta_shape(module: nn.Module, group_size: Optional[int]) -> Option
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     if isinstance(base, QuantLinear):
         return tuple(base.scale.shape)
-    if isinstance(base, nn.Linear):
-        return base.out_features, num_groups(base.in_features, group_size)
-    if isinstance(base, Conv1D):
-        in_features, out_features = base.weight.shape
-        return out_features, num_groups(in_features, group_size)
-    return None
+    shape = linear_shape(base)
+    if shape is None:
+        return None
+    out_features, in_features = shape
+    return out_features, num_groups(in_features, group_size)
 
 
 def check_adapter_weights(weights: dict[str, torch.Tensor], config: Any, model: nn.Module, source: str) -> None:

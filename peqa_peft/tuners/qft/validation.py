@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ...core.qft.weight import WEIGHT_FIELDS
+from ...core.shapes import linear_shape
 from ...integrations import validation
 
 _PARAM = "qft_weight"
@@ -30,10 +30,9 @@ def _split(key: str) -> Optional[tuple[str, str]]:
 
 def _weight_shape(module: nn.Module) -> Optional[tuple[int, int]]:
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    if isinstance(base, Conv1D):
-        return tuple(base.weight.shape[::-1])
-    if isinstance(base, nn.Linear):
-        return base.out_features, base.in_features
+    shape = linear_shape(base)
+    if shape is not None:
+        return shape
     if isinstance(base, nn.Embedding):
         return base.num_embeddings, base.embedding_dim
     return None
