@@ -20,11 +20,11 @@ patch_peft_model()
 
 from .core import QuantLinear, compute_qparams, fake_quantize, pack_bits, unpack_bits  # noqa: E402
 from .integrations import distributed as _distributed  # noqa: E402,F401  (registers DDP/FSDP2 hooks)
+from .integrations.formats.compressed_tensors.reader import install_compat_fixes  # noqa: E402
 from .integrations.transformers.quantizer import PeqaQuantizationConfig  # noqa: E402
 from .integrations.transformers.quantizer import register as _register_quantizer  # noqa: E402
 from .optim import IntLion  # noqa: E402
 from .tuners import PeqaConfig, PeqaModel, QftConfig, QftModel  # noqa: E402
-from .tuners.peqa.backends.compressed_tensors import install_compat_fixes  # noqa: E402
 
 # transformers 5.2x + compressed-tensors 0.20 cannot load asymmetric pack-quantized checkpoints by default; see there.
 install_compat_fixes()

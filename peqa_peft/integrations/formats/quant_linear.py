@@ -1,4 +1,7 @@
-"""Build a ``QuantLinear`` from integer codes, scales and zero-points read from a checkpoint (no float weight)."""
+"""Build a ``QuantLinear`` from integer codes, scales and zero-points read from a checkpoint (no float weight).
+
+Shared by the readers of quantized formats (``compressed_tensors/reader.py``, ``gptq/reader.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ....core import QuantLinear, pack_bits
-from ....integrations.validation import check_quantized_layer
+from ...core import QuantLinear, pack_bits
+from ..validation import check_quantized_layer
 
 
 @torch.no_grad()
@@ -45,3 +48,6 @@ def quant_linear_from_codes(
 def expand_per_tensor(scale: torch.Tensor, out_features: int) -> torch.Tensor:
     """A per-tensor scale ``()``/``(1,)``/``(1, 1)`` as one identical scale per output channel ``(out, 1)``."""
     return scale.reshape(1, 1).expand(out_features, 1).clone()
+
+
+__all__ = ["expand_per_tensor", "quant_linear_from_codes"]
