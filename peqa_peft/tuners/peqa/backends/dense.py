@@ -6,6 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ....core import QuantLinear, validate_group_size
+from ....core.shapes import linear_shape
 from ..config import PeqaConfig
 
 NAME = "dense"
@@ -16,7 +17,7 @@ def matches(module: nn.Module) -> bool:
 
 
 def in_features_of(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+    return linear_shape(module)[1]
 
 
 def check(module: nn.Module, config: PeqaConfig, key: str) -> None:
