@@ -128,6 +128,15 @@ def peqa_model(fp_model, bits: int, group: str, method: str):
     return model, {n: s for n, s in fallback.items()}
 
 
+def fallback_note(fp_model, group: str, fallback: dict[str, int]) -> str:
+    """Which group sizes the layers got, e.g. ``180 layers at g96, 30 at g128`` (SmolLM2 at g128)."""
+    main = len(linear_names(fp_model)) - len(fallback)
+    sizes = {n: group_size_for(group, w) for n, w in linear_names(fp_model).items() if n not in fallback}
+    counts = [f"{main} layers at g{next(iter(set(sizes.values())))}"]
+    counts += [f"{list(fallback.values()).count(v)} at g{v}" for v in sorted(set(fallback.values()))]
+    return ", ".join(counts)
+
+
 # ------------------------------------------------------------------------------------------------------------- GPTQ
 @torch.no_grad()
 def collect_hessians(fp_model, calib_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -428,7 +437,9 @@ class Bench:
         if any(results.get(k, v) != v for k, v in settings.items()):
             raise SystemExit(f"{path} was measured with other settings; use another --output-dir")
         results.update(settings, machine=machine())
-        command = "python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(__file__).name}", *sys.argv[1:]])
+        env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+        script = [f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]
+        command = env + "python " + " ".join(shlex.quote(a) for a in script)
         if command not in results["commands"]:
             results["commands"].append(command)
         return results
@@ -447,7 +458,7 @@ class Bench:
         """Sweep row ``<bits>-<group>-<init>``: the PEQA base at init, no tuning."""
         bits, group, init = key.split("-")
         model, fallback = peqa_model(self.fp_model, int(bits), group, "mse" if init == "mse" else "minmax")
-        info = {"group_fallback": f"{len(fallback)} layers at g{sorted(set(fallback.values()))}"} if fallback else {}
+        info = {"group_fallback": fallback_note(self.fp_model, group, fallback)} if fallback else {}
         if init == "gptq":
             if self.hessians is None:
                 self.hessians = collect_hessians(self.fp_model, self.calibration_ids())

@@ -41,3 +41,12 @@ def test_rows_render_as_one_table_in_a_fixed_order(tmp_path):
 @pytest.mark.parametrize(("group", "width", "size"), [("ch", 576, None), ("g64", 576, 64), ("g128", 576, 96)])
 def test_group_size_fallback(group, width, size):
     assert real_models.group_size_for(group, width) == size
+
+
+def test_fallback_note_names_every_group_size():
+    model = torch.nn.ModuleDict(
+        {"a": torch.nn.Linear(576, 8), "b": torch.nn.Linear(576, 8), "down": torch.nn.Linear(1536, 8)}
+    )
+    sizes = {n: real_models.group_size_for("g128", w) for n, w in real_models.linear_names(model).items()}
+    fallback = {n: s for n, s in sizes.items() if s != 96}
+    assert real_models.fallback_note(model, "g128", fallback) == "2 layers at g96, 1 at g128"
