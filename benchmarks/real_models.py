@@ -23,11 +23,19 @@ quantized base). A group size that does not divide a layer's ``in_features`` (Sm
 uses the largest divisor of ``in_features`` below it that is a multiple of 32 (stated in the results as
 ``group_fallback``).
 
-Tuning rows (``--rows``): the issue's fixed budget, 30 Alpaca SFT steps, batch 4 x 256 tokens, the CLI's defaults
-otherwise (``peqa_peft.train``'s TrainConfig/SFTTrainer): ``peqa`` (the package's default 4-bit PEQA),
-``peqa3`` (3-bit at ``--peqa3-group``), ``lora`` (r8 on fp32), ``qlora`` (the CLI's method), ``full`` (full
-fine-tuning, AdamW lr ``--full-lr``), ``qft`` (the CLI's method) and ``peqa-gguf`` (``peqa_peft.load_gguf`` of the
-file itself when that function exists). Perplexity after tuning is measured with the same windows as the sweep.
+Tuning rows (``--rows``): the issue's fixed budget, ``--steps`` (30) Alpaca SFT steps, batch 4 x 256 tokens, the
+CLI's defaults otherwise (``peqa_peft.workflows.train``'s TrainConfig/SFTTrainer, same seed and data order for every
+row): ``peqa`` (the package's default 4-bit PEQA, ``group_size="auto"``, MSE init, on the float model), ``peqa3``
+(3-bit at ``--peqa3-group``), ``lora`` (r8 on fp32), ``qlora`` (the CLI's method: NF4 base + LoRA r8), ``full`` (full
+fine-tuning, AdamW lr ``--full-lr``), ``qft`` (the CLI's method, IntLion) and ``peqa-gguf`` (PEQA on the file itself:
+``peqa_peft.load_gguf`` + ``PeqaConfig(adopt_checkpoint_grid=True)``, the file's codes and scales as the base, as
+``peqa-peft train --model <file.gguf>`` does). Each tuned row records the mean loss of its first and last logged
+steps and how many state-dict tensors training changed (a row that changed none raises). ``gguf-adopt`` is the
+adopted file untuned. Perplexity is measured with the same windows as the sweep.
+
+Under load, set ``OMP_NUM_THREADS=1``: with the 2 cores oversubscribed, every OpenMP parallel region of a 2-thread
+torch waits for a descheduled thread (measured: the eager MSE search of a 192 x 576 layer 0.1-0.3 s at 1 thread,
+1.2-8.5 s at 2). Each row records its thread count and the load average.
 
 Results are appended to ``<output-dir>/results.json`` (rows already there are skipped unless ``--redo``) and
 rendered into ``<output-dir>/results.md`` with the command and the machine.
@@ -40,11 +48,13 @@ import copy
 import fnmatch
 import gc
 import json
+import os
 import platform
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,6 +126,15 @@ def peqa_model(fp_model, bits: int, group: str, method: str):
         parent = model.get_submodule("base_model.model." + parent_name)
         setattr(parent, child, QuantLinear.from_linear(getattr(parent, child), bits, size, method=method))
     return model, {n: s for n, s in fallback.items()}
+
+
+def fallback_note(fp_model, group: str, fallback: dict[str, int]) -> str:
+    """Which group sizes the layers got, e.g. ``180 layers at g96, 30 at g128`` (SmolLM2 at g128)."""
+    main = len(linear_names(fp_model)) - len(fallback)
+    sizes = {n: group_size_for(group, w) for n, w in linear_names(fp_model).items() if n not in fallback}
+    counts = [f"{main} layers at g{next(iter(set(sizes.values())))}"]
+    counts += [f"{list(fallback.values()).count(v)} at g{v}" for v in sorted(set(fallback.values()))]
+    return ", ".join(counts)
 
 
 # ------------------------------------------------------------------------------------------------------------- GPTQ
@@ -231,51 +250,101 @@ def alignment_check(fp_model, bits: int = 4) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- tuning
-def tune(row: str, model_dir: Path, args, out_dir: Path):
-    """The fixed budget of the issue (30 Alpaca SFT steps, 4 x 256, CLI defaults); returns (model, extra info)."""
-    from peft import get_peft_model
-    from transformers import AutoTokenizer, set_seed
+METHOD = {"peqa": "peqa", "peqa3": "peqa", "lora": "lora", "qlora": "qlora", "full": "lora", "qft": "qft"}
+METHOD["peqa-gguf"] = "peqa"
 
-    from peqa_peft.workflows.data import load_instruction_dataset
-    from peqa_peft.workflows.train import TrainConfig, build_trainer, load_base_model, peft_config_for
 
-    method = {"peqa": "peqa", "peqa3": "peqa", "lora": "lora", "qlora": "qlora", "full": "lora", "qft": "qft"}
-    bits = 3 if row == "peqa3" else 4
-    cfg = TrainConfig(
+def train_config(row: str, model_dir: Path, args, out_dir: Path):
+    """The issue's fixed budget (Alpaca SFT, ``--steps`` x 4 x 256, CLI defaults otherwise) for ``row``."""
+    from peqa_peft.workflows.train import TrainConfig
+
+    return TrainConfig(
         model=str(model_dir),
-        method=method[row],
+        method=METHOD[row],
         output_dir=str(out_dir / "runs" / row),
         max_steps=args.steps,
         batch_size=4,
         seq_len=256,
-        bits=bits,
-        group_size=args.peqa3_group if row == "peqa3" else None,
+        bits=3 if row == "peqa3" else 4,
+        group_size=args.peqa3_group if row == "peqa3" else "auto",
         learning_rate=args.full_lr if row == "full" else None,
+        logging_steps=1,  # every step's loss, to check that the row trained
         progress=False,
     )
+
+
+def tuning_model(row: str, cfg, args):
+    """The model ``row`` trains: the float model itself (``full``), the GGUF file adopted with its own codes
+    (``peqa-gguf``: ``peqa_peft.load_gguf`` + PeqaConfig(adopt_checkpoint_grid=True), as ``peqa-peft train --model
+    <file.gguf>`` does), or ``get_peft_model`` of the CLI's base and config for the method."""
+    from peft import get_peft_model
+
+    from peqa_peft.workflows.train import load_base_model, peft_config_for
+
+    if row == "peqa-gguf":
+        from peqa_peft import load_gguf
+        from peqa_peft.workflows.model_zoo import gguf_path
+
+        config = peft_config_for(cfg)
+        config.adopt_checkpoint_grid = True
+        return get_peft_model(load_gguf(gguf_path(args.model)), config)
+    base = load_base_model(cfg.model, cfg.method, False)
+    return base if row == "full" else get_peft_model(base, peft_config_for(cfg))
+
+
+def state_snapshot(model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (codes, scales, adapters, integer QFT weights), copied."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def training_check(before: dict, model, log_history: list[dict]) -> dict:
+    """Evidence that the row trained: the per-step loss at the start and end, and how many tensors changed.
+
+    A row whose optimizer silently updated nothing would show ``tensors_changed=0``; the tuning rows raise then.
+    """
+    after = model.state_dict()
+    changed = [k for k, v in before.items() if k in after and not torch.equal(v, after[k])]
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    if not changed:
+        raise RuntimeError("no parameter or buffer changed during training")
+    k = max(1, min(5, len(losses) // 3))
+    return {
+        "loss_first": round(sum(losses[:k]) / k, 4) if losses else None,
+        "loss_last": round(sum(losses[-k:]) / k, 4) if losses else None,
+        "tensors_changed": f"{len(changed)}/{len(before)}",
+    }
+
+
+def tune(row: str, model_dir: Path, args, out_dir: Path):
+    """Train ``row`` on the fixed budget; returns (model in eval mode, info for the results row)."""
+    from transformers import AutoTokenizer, set_seed
+
+    from peqa_peft.workflows.data import load_instruction_dataset
+    from peqa_peft.workflows.train import build_trainer
+
+    cfg = train_config(row, model_dir, args, out_dir)
     dataset = load_instruction_dataset(cfg.dataset, max_samples=cfg.max_samples, seed=cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    # The float checkpoint's tokenizer for every row, peqa-gguf included: it is transformers' conversion of the
+    # GGUF's own vocabulary, so the training and evaluation token ids are the same for every row.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     set_seed(cfg.seed)
-    base = load_base_model(cfg.model, cfg.method, False)
-    if row == "full":
-        model = base  # every parameter trains, plain AdamW (Trainer's adamw_torch)
-    else:
-        model = get_peft_model(base, peft_config_for(cfg))
-    info = {"lr": cfg.learning_rate, "bits": bits if cfg.method == "peqa" else None, "group_size": cfg.group_size}
+    model = tuning_model(row, cfg, args)
+    before = state_snapshot(model)
     trainer = build_trainer(cfg, model, tokenizer, dataset)
     result = trainer.train()
-    info["train_loss"] = round(result.training_loss, 4)
+    info = {"lr": cfg.learning_rate, "train_loss": round(result.training_loss, 4)}
+    info.update(training_check(before, model, trainer.state.log_history))
     return model.eval(), info
 
 
-def tune_gguf(args):
-    import peqa_peft
+def adopted_gguf(args):
+    """``peqa_peft.load_gguf`` of the file itself, untuned (the adopted PEQA base: the file's codes and scales)."""
+    from peqa_peft import load_gguf
+    from peqa_peft.workflows.model_zoo import gguf_path
 
-    if not hasattr(peqa_peft, "load_gguf"):
-        raise RuntimeError("peqa_peft.load_gguf does not exist in this checkout (GGUF adoption not merged)")
-    raise NotImplementedError("peqa-gguf: plug peqa_peft.load_gguf(gguf_path(...)) in here once it is merged")
+    return load_gguf(gguf_path(args.model)).eval(), {"source": gguf_path(args.model).name}
 
 
 # ---------------------------------------------------------------------------------------------------------- driver
@@ -290,9 +359,28 @@ def machine() -> str:
     return f"{cpu}, AMX {'yes' if amx else 'no'}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
+def row_order(key: str) -> tuple:
+    """Table order: fp32, the adopted GGUF, the init sweep (bits, group, init as in ALL_CONFIGS), the tuned rows."""
+    if key in ("fp32", "gguf-adopt"):
+        return (0, key != "fp32")
+    if key in ALL_CONFIGS:
+        return (1, ALL_CONFIGS.index(key))
+    name = key.removeprefix("tuned-")
+    return (2, ROWS.index(name) if name in ROWS else len(ROWS), key)
+
+
+def table_line(key: str, r: dict, fp: dict) -> str:
+    if "error" in r:
+        return f"| {key} | — | — | — | {r.get('seconds', 0):.0f} | {r['error']} |"
+    ratio = r["wikitext2"] / fp["wikitext2"] if fp.get("wikitext2") else float("nan")
+    ptb = f"{r['ptb']:.2f}" if r.get("ptb") else ""
+    notes = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("wikitext2", "ptb", "seconds") and v)
+    return f"| {key} | {r['wikitext2']:.2f} | {ratio:.3f} | {ptb} | {r['seconds']:.0f} | {notes} |"
+
+
 def render(results: dict, path: Path) -> None:
+    """results.md: the settings, machine and commands, then one table of every row."""
     rows = results["rows"]
-    fp = rows.get("fp32", {})
     lines = [
         f"# {results['model']}: test perplexity ({results['max_tokens']} tokens, {results['seq_len']}-token windows)",
         "",
@@ -303,19 +391,14 @@ def render(results: dict, path: Path) -> None:
         *[f"    {c}" for c in results["commands"]],
         "",
         "Float reference = the GGUF dequantized by transformers (itself 4-bit blocks of 32: g32 rows line up with the "
-        "file's blocks and are optimistic).",
+        "file's blocks and are optimistic). `gguf-adopt` = `peqa_peft.load_gguf` of the file, untuned; `tuned-*` = "
+        "the fixed tuning budget (notes: budget, learning rate, mean loss of the first/last steps, tensors changed). "
+        "`load` = the 1-minute load average when the row finished (2 cores shared: seconds are inflated by it).",
         "",
         "| row | WikiText-2 | x fp32 | PTB | seconds | notes |",
         "|---|---:|---:|---:|---:|---|",
+        *[table_line(k, rows[k], rows.get("fp32", {})) for k in sorted(rows, key=row_order)],
     ]
-    for key, r in rows.items():
-        if "error" in r:
-            lines.append(f"| {key} | — | — | — | — | {r['error']} |")
-            continue
-        ratio = r["wikitext2"] / fp["wikitext2"] if fp.get("wikitext2") else float("nan")
-        ptb = f"{r['ptb']:.2f}" if r.get("ptb") else ""
-        notes = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("wikitext2", "ptb", "seconds") and v)
-        lines.append(f"| {key} | {r['wikitext2']:.2f} | {ratio:.3f} | {ptb} | {r['seconds']:.0f} | {notes} |")
     if "alignment_4bit_rtn_relative_weight_error" in results:
         lines += [
             "",
@@ -326,13 +409,135 @@ def render(results: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+class Bench:
+    """One run: the float model, the evaluation tokens, the results file, and the GPTQ Hessians once computed."""
+
+    def __init__(self, args):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from peqa_peft.workflows.evaluate import load_eval_text
+
+        self.args = args
+        self.out_dir = args.output_dir or REPO / "benchmarks" / "results" / "real-models" / args.model
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.results = self.load_results()
+        self.model_dir = float_model_dir(args.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.eval_ids = {
+            name: self.tokenizer(load_eval_text(name), return_tensors="pt").input_ids[0][: args.max_tokens]
+            for name in ("wikitext2", "ptb")
+        }
+        self.fp_model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
+        self.hessians = None
+
+    def load_results(self) -> dict:
+        path = self.out_dir / "results.json"
+        results = json.loads(path.read_text()) if path.exists() else {"rows": {}, "commands": []}
+        settings = {"model": self.args.model, "max_tokens": self.args.max_tokens, "seq_len": self.args.seq_len}
+        if any(results.get(k, v) != v for k, v in settings.items()):
+            raise SystemExit(f"{path} was measured with other settings; use another --output-dir")
+        results.update(settings, machine=machine())
+        env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+        script = [f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]
+        command = env + "python " + " ".join(shlex.quote(a) for a in script)
+        if command not in results["commands"]:
+            results["commands"].append(command)
+        return results
+
+    def save(self) -> None:
+        (self.out_dir / "results.json").write_text(json.dumps(self.results, indent=2))
+        render(self.results, self.out_dir / "results.md")
+
+    def ppl(self, model, dataset: str) -> float:
+        from peqa_peft.workflows.evaluate import perplexity
+
+        ids = self.eval_ids[dataset]
+        return perplexity(model, input_ids=ids, seq_len=self.args.seq_len, progress=False).perplexity
+
+    def init_row(self, key: str):
+        """Sweep row ``<bits>-<group>-<init>``: the PEQA base at init, no tuning."""
+        bits, group, init = key.split("-")
+        model, fallback = peqa_model(self.fp_model, int(bits), group, "mse" if init == "mse" else "minmax")
+        info = {"group_fallback": fallback_note(self.fp_model, group, fallback)} if fallback else {}
+        if init == "gptq":
+            if self.hessians is None:
+                self.hessians = collect_hessians(self.fp_model, self.calibration_ids())
+            install_gptq(model, self.fp_model, self.hessians, int(bits))
+            info["calibration"] = f"WikiText-2 valid {self.args.calib_windows}x{self.args.seq_len}"
+        return model, info
+
+    def calibration_ids(self) -> torch.Tensor:
+        text = (REPO / "assets" / "data" / "wikitext2_valid.tokens.txt").read_text(encoding="utf-8")
+        ids = self.tokenizer(text, return_tensors="pt").input_ids[0]
+        n, length = self.args.calib_windows, self.args.seq_len
+        return ids[: n * length].view(n, length)
+
+    def jobs(self) -> list[tuple[str, Callable, bool]]:
+        """Every row asked for, in order: ``(key, build() -> (model, info), wants PTB)``."""
+        args = self.args
+        patterns = [p for p in args.configs.split(",") if p]
+        # In the order of the patterns (the most wanted rows first), each config once.
+        configs = list(dict.fromkeys(c for p in patterns for c in ALL_CONFIGS if fnmatch.fnmatch(c, p)))
+        if patterns and not configs:
+            raise SystemExit(f"--configs {args.configs!r} matches none of {ALL_CONFIGS}")
+        names = [r for r in args.rows.split(",") if r]
+        unknown = [n for n in names if n not in ROWS and n != "gguf-adopt"]
+        if unknown:
+            raise SystemExit(f"unknown row(s) {unknown}; choose from {ROWS} or gguf-adopt")
+        jobs = [("fp32", lambda: (self.fp_model, {}), args.ptb)] if configs or names else []
+        ptb_patterns = args.ptb_configs.split(",")
+        for key in configs:
+            want_ptb = args.ptb and any(fnmatch.fnmatch(key, p) for p in ptb_patterns)
+            jobs.append((key, lambda key=key: self.init_row(key), want_ptb))
+        for name in names:
+            if name == "gguf-adopt":
+                jobs.append((name, lambda: adopted_gguf(args), args.ptb))
+            else:
+                jobs.append(
+                    (f"tuned-{name}", lambda name=name: tune(name, self.model_dir, args, self.out_dir), args.ptb)
+                )
+        return jobs
+
+    def measure(self, build: Callable, want_ptb: bool) -> dict:
+        """One row: build the model, WikiText-2 (and PTB) perplexity; an error is recorded, never dropped."""
+        start = time.perf_counter()
+        try:
+            model, info = build()
+            row = {"wikitext2": self.ppl(model, "wikitext2"), "ptb": self.ppl(model, "ptb") if want_ptb else None}
+            row.update(info)
+            if "lr" in info:
+                row["budget"] = f"{self.args.steps} Alpaca SFT steps, 4 x 256"
+        except Exception as err:
+            row = {"error": f"{type(err).__name__}: {err}"[:300]}
+        row["seconds"] = time.perf_counter() - start
+        row["load"] = round(os.getloadavg()[0], 1)
+        row["threads"] = torch.get_num_threads()
+        return row
+
+    def run(self) -> None:
+        rows = self.results["rows"]
+        for key, build, want_ptb in self.jobs():
+            old = rows.get(key)
+            if old and "error" not in old and not self.args.redo and (not want_ptb or old.get("ptb")):
+                continue
+            row = self.measure(build, want_ptb)
+            if old and old.get("wikitext2") and row.get("wikitext2"):
+                # Re-measured (for PTB, or --redo): the same windows must give the same WikiText-2 perplexity.
+                if abs(row["wikitext2"] / old["wikitext2"] - 1) > 1e-4:
+                    row["previous_wikitext2"] = round(old["wikitext2"], 4)
+            rows[key] = row
+            print(json.dumps({key: row}), flush=True)
+            self.save()
+            gc.collect()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("smollm2-135m", "gemma3-270m"), required=True)
     parser.add_argument("--max-tokens", type=int, default=16384, help="WikiText-2/PTB test tokens scored")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--configs", default="4-*-*", help="comma list of <bits>-<ch|g128|g64|g32>-<rtn|mse|gptq>")
-    parser.add_argument("--rows", default="", help=f"tuning rows, comma list of {','.join(ROWS)}")
+    parser.add_argument("--rows", default="", help=f"comma list of {','.join(ROWS)} (tuned) and gguf-adopt")
     parser.add_argument("--ptb", action="store_true", help="also PTB test perplexity")
     parser.add_argument("--ptb-configs", default="4-*-*", help="sweep rows that get PTB when --ptb is given")
     parser.add_argument("--steps", type=int, default=30)
@@ -343,105 +548,16 @@ def main(argv=None) -> None:
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--alignment", action="store_true", help="measure how the GGUF blocks flatter group 32")
     args = parser.parse_args(argv)
-    out_dir = args.output_dir or REPO / "benchmarks" / "results" / "real-models" / args.model
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results_path = out_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}, "commands": []}
-    command = "python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(__file__).name}", *sys.argv[1:]])
-    settings = {"model": args.model, "max_tokens": args.max_tokens, "seq_len": args.seq_len}
-    if any(results.get(k, v) != v for k, v in settings.items()):
-        raise SystemExit(f"{results_path} was measured with other settings; use another --output-dir")
-    results.update(settings, machine=machine())
-    if command not in results["commands"]:
-        results["commands"].append(command)
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import peqa_peft  # noqa: F401
-    from peqa_peft.workflows.evaluate import load_eval_text, perplexity
 
     torch.manual_seed(0)
-    model_dir = float_model_dir(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    eval_ids = {
-        name: tokenizer(load_eval_text(name), return_tensors="pt").input_ids[0][: args.max_tokens]
-        for name in ("wikitext2", "ptb")
-    }
-
-    def ppl(model, dataset="wikitext2") -> float:
-        return perplexity(model, input_ids=eval_ids[dataset], seq_len=args.seq_len, progress=False).perplexity
-
-    def save():
-        results_path.write_text(json.dumps(results, indent=2))
-        render(results, out_dir / "results.md")
-
-    rows = results["rows"]
-    fp_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    measuring = bool(args.configs or args.rows)  # --alignment alone needs no perplexity
-    if measuring and ("fp32" not in rows or (args.ptb and not rows["fp32"].get("ptb"))):
-        start = time.perf_counter()
-        rows["fp32"] = {"wikitext2": ppl(fp_model), "ptb": ppl(fp_model, "ptb") if args.ptb else None}
-        rows["fp32"]["seconds"] = time.perf_counter() - start
-        save()
+    bench = Bench(args)
     if args.alignment:
-        results["alignment_4bit_rtn_relative_weight_error"] = alignment_check(fp_model)
-        print(json.dumps(results["alignment_4bit_rtn_relative_weight_error"]), flush=True)
-        save()
-    patterns = [p for p in args.configs.split(",") if p]
-    # In the order of the patterns (the most wanted rows first), each config once.
-    configs = list(dict.fromkeys(c for p in patterns for c in ALL_CONFIGS if fnmatch.fnmatch(c, p)))
-    if patterns and not configs:
-        raise SystemExit(f"--configs {args.configs!r} matches none of {ALL_CONFIGS}")
-    hessians = None
-    for key in configs:
-        want_ptb = args.ptb and any(fnmatch.fnmatch(key, p) for p in args.ptb_configs.split(","))
-        if key in rows and not args.redo and (not want_ptb or rows[key].get("ptb")):
-            continue
-        bits, group, init = key.split("-")
-        start = time.perf_counter()
-        try:
-            model, fallback = peqa_model(fp_model, int(bits), group, "mse" if init == "mse" else "minmax")
-            if init == "gptq":
-                if hessians is None:
-                    calib = tokenizer(
-                        (REPO / "assets" / "data" / "wikitext2_valid.tokens.txt").read_text(encoding="utf-8"),
-                        return_tensors="pt",
-                    ).input_ids[0]
-                    calib = calib[: args.calib_windows * args.seq_len].view(args.calib_windows, args.seq_len)
-                    hessians = collect_hessians(fp_model, calib)
-                install_gptq(model, fp_model, hessians, int(bits))
-            row = {"wikitext2": ppl(model), "ptb": ppl(model, "ptb") if want_ptb else None}
-            if fallback:
-                row["group_fallback"] = f"{len(fallback)} layers at g{sorted(set(fallback.values()))}"
-            if init == "gptq":
-                row["calibration"] = f"WikiText-2 valid {args.calib_windows}x{args.seq_len}"
-        except Exception as err:  # a row that cannot run is reported as such, never dropped
-            row = {"error": f"{type(err).__name__}: {err}"[:300]}
-        row["seconds"] = time.perf_counter() - start
-        rows[key] = row
-        print(json.dumps({key: row}), flush=True)
-        save()
-        model = None
-        gc.collect()
-    for name in [r for r in args.rows.split(",") if r]:
-        if name not in ROWS:
-            raise SystemExit(f"unknown row {name!r}; choose from {ROWS}")
-        key = f"tuned-{name}"
-        if key in rows and not args.redo:
-            continue
-        start = time.perf_counter()
-        try:
-            model, info = tune_gguf(args) if name == "peqa-gguf" else tune(name, model_dir, args, out_dir)
-            row = {"wikitext2": ppl(model), "ptb": ppl(model, "ptb") if args.ptb else None, **info}
-            row["budget"] = f"{args.steps} Alpaca SFT steps, 4 x 256"
-        except Exception as err:
-            row = {"error": f"{type(err).__name__}: {err}"[:300]}
-        row["seconds"] = time.perf_counter() - start
-        rows[key] = row
-        print(json.dumps({key: row}), flush=True)
-        save()
-        model = None
-        gc.collect()
+        bench.results["alignment_4bit_rtn_relative_weight_error"] = alignment_check(bench.fp_model)
+        print(json.dumps(bench.results["alignment_4bit_rtn_relative_weight_error"]), flush=True)
+        bench.save()
+    bench.run()
 
 
 if __name__ == "__main__":
