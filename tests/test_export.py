@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import DEMO_LLAMA, REPO, tiny_llama
 from peft import get_peft_model
+from safetensors import safe_open
 
 import peqa_peft
 from peqa_peft import PeqaConfig
@@ -121,7 +122,12 @@ def test_compressed_tensors_loads_in_plain_transformers_with_identical_logits(tm
         assert (
             config["format"] == "pack-quantized"
             and config["config_groups"]["group_0"]["weights"]["symmetric"] is False
+            and config["dequantize"] is True  # what lets plain from_pretrained read the canonical layout
         )
+        with safe_open(tmp_path / name / "model.safetensors", "pt") as f:  # the canonical (llm-compressor) shape
+            zero_point = f.get_slice("model.layers.0.mlp.up_proj.weight_zero_point").get_shape()
+        bits = 3 if name == "w3g16" else 4
+        assert zero_point[0] == -(-688 * bits // 32), (name, zero_point)
         # fp32 scales are stored exactly; what remains is fp32 summation order (our kernels apply s after x·(q−z)ᵀ)
         torch.testing.assert_close(torch.tensor(got[name]), logits, rtol=1e-5, atol=5e-5, msg=name)
     # the same checkpoints load in a process that has imported peqa_peft (its loader fix must leave them alone)
@@ -134,14 +140,14 @@ def test_compressed_tensors_loads_in_plain_transformers_with_identical_logits(tm
 
 @pytest.mark.parametrize("bits,group_size", [(4, None), (3, 16), (8, 32)])
 def test_compressed_tensors_tensors_are_the_library_compressors(bits, group_size):
-    """Our "packed" layout equals what compressed-tensors' own PackedQuantizationCompressor makes of the dequantized
-    weight, and its decompressor returns the PEQA weight."""
+    """Our tensors (the canonical packed layout, what llm-compressor writes) equal what compressed-tensors' own
+    PackedQuantizationCompressor makes of the dequantized weight, and its decompressor returns the PEQA weight."""
     from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
 
     exported = collect(tuned(tiny_llama(), bits, group_size))
     scheme = ct_writer.quantization_config(exported).config_groups["group_0"]
     for layer in list(exported.layers.values())[:3]:
-        ours = ct_writer.layer_tensors(layer, torch.float32, "packed")
+        ours = ct_writer.layer_tensors(layer, torch.float32)
         weight = gguf_writer.dequantized(layer)
         offset = 1 << (bits - 1)
         state = {
@@ -415,6 +421,47 @@ def test_layers_a_format_cannot_hold_are_refused_before_writing(tmp_path, demo_t
     assert list(tmp_path.iterdir()) == []
 
 
+def test_vllm_cpu_target_refuses_what_vllms_cpu_kernel_cannot_serve(tmp_path, demo_tokenizer):
+    """target="vllm-cpu" applies vLLM 0.32's CPUWNA16LinearKernel.can_implement rules per layer, naming the layer,
+    before anything is written; without it the same models export (transformers loads them)."""
+    ok = tuned(tiny_llama(vocab_size=4096), bits=4, group_size=32)
+    assert ct_writer.vllm_cpu_problems(collect(ok)) == []
+    export(ok, tmp_path / "ok", format="compressed-tensors", tokenizer=demo_tokenizer, target="vllm-cpu")
+    cases = {
+        "w3": (tuned(tiny_llama(vocab_size=4096), bits=3), r"layer 'model\.layers\.0\..*' is 3-bit.*4-bit only"),
+        "w688": (demo_peqa(4, None), r"layer 'model\.layers\.0\.mlp\.\w+_proj' has \w+ size 688.*multiples of 32"),
+        "g3": (
+            tuned(tiny_llama(vocab_size=4096, hidden_size=96, intermediate_size=192), group_size=3),
+            r"layer 'model\.layers\.0\.self_attn\.q_proj' has group size 3;.*even",
+        ),
+        "mixed": (
+            get_peft_model(tiny_llama(), PeqaConfig(target_modules=["q_proj", "o_proj"], init_method="minmax")),
+            r"vLLM fuses q_proj/k_proj/v_proj.*'model\.layers\.0\.self_attn\.k_proj' is not",
+        ),
+    }
+    for name, (model, message) in cases.items():
+        with pytest.raises(ValueError, match=r"target='vllm-cpu': " + message):
+            export(model, tmp_path / name, format="compressed-tensors", tokenizer=demo_tokenizer, target="vllm-cpu")
+        assert not (tmp_path / name).exists()
+        ct_writer.validate(collect(model))  # the default target accepts it (transformers loads every such layer)
+    with pytest.raises(ValueError, match="target must be one of"):
+        export(ok, tmp_path / "x", format="compressed-tensors", tokenizer=demo_tokenizer, target="vllm")
+
+
+def test_export_reloads_as_the_same_peqa_base_with_dequantize_false(tmp_path, demo_tokenizer):
+    """The export's ``"dequantize": true`` makes transformers load dense weights; to tune it again with PEQA on its
+    exact codes, load it compressed (peqa_peft's loader fix reads the packed zero-points) and PEQA adopts them."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = tuned(tiny_llama(vocab_size=4096), bits=4, group_size=32)
+    export(model, tmp_path / "ct", format="compressed-tensors", tokenizer=demo_tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", quantization_config=CompressedTensorsConfig())
+    again = collect(get_peft_model(base, PeqaConfig(bits=4, group_size=32, task_type="CAUSAL_LM")))
+    for name, layer in collect(model).layers.items():
+        assert torch.equal(again.layers[name].codes, layer.codes), name
+        assert torch.equal(again.layers[name].scale, layer.scale), name  # s0 + the merged deltas, fp32
+
+
 def test_v1_gptq_refuses_a_zero_point_of_zero(tmp_path, demo_tokenizer):
     model = tuned(tiny_llama(vocab_size=4096), bits=2, group_size=32)
     layer = next(iter(collect(model).layers.values()))
@@ -456,6 +503,9 @@ def test_cli_export_from_base_and_adapter(tmp_path, capsys):
     demo_peqa(4, None).save_pretrained(tmp_path / "adapter")
     args = ["export", "--model", str(DEMO_LLAMA), "--adapter", str(tmp_path / "adapter"), "--output-dir"]
     assert main([*args, str(tmp_path / "ct"), "--format", "compressed-tensors"]) == 0
+    # the demo model's 688-wide MLP has no vLLM CPU kernel: refused up front with --ct-target vllm-cpu
+    assert main([*args, str(tmp_path / "vllm"), "--format", "compressed-tensors", "--ct-target", "vllm-cpu"]) == 2
+    assert "size 688" in capsys.readouterr().err and not (tmp_path / "vllm").exists()
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "ct").iterdir()}
     assert main([*args, str(tmp_path / "ct"), "--format", "gguf"]) == 2
     assert "not empty" in capsys.readouterr().err

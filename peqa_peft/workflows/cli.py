@@ -164,10 +164,11 @@ def add_export_parser(sub) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer path or id (default: the base model's)")
     p.add_argument("--gguf-float-type", choices=("f16", "f32"), default="f16", help="gguf: unquantized tensors")
     p.add_argument(
-        "--ct-zero-point-layout",
-        choices=("transformers", "packed"),
-        default="transformers",
-        help="compressed-tensors: 'packed' for vLLM",
+        "--ct-target",
+        choices=("any", "vllm-cpu"),
+        default="any",
+        help="compressed-tensors: the file is the same for vLLM and transformers; 'vllm-cpu' also refuses up front "
+        "layers vLLM cannot serve on CPU",
     )
     p.add_argument("--gptq-checkpoint-format", choices=("gptq_v2", "gptq"), default="gptq_v2")
     p.set_defaults(func=run_export)
@@ -178,7 +179,7 @@ def run_export(args: argparse.Namespace) -> str:
 
     options = {
         "gguf": {"float_type": args.gguf_float_type},
-        "compressed-tensors": {"zero_point_layout": args.ct_zero_point_layout},
+        "compressed-tensors": {"target": args.ct_target},
         "gptq": {"checkpoint_format": args.gptq_checkpoint_format},
     }[args.format]
     out = export_adapter(

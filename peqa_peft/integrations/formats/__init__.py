@@ -3,7 +3,7 @@
 ``export(model, output_dir, format=...)`` merges the active PEQA scale deltas into ``s0`` (without modifying
 ``model``) and writes the integer codes exactly as they are — never re-quantized, no float weight needed:
 
-- ``"compressed-tensors"``: ``pack-quantized`` asymmetric integer weights (vLLM, transformers);
+- ``"compressed-tensors"``: ``pack-quantized`` asymmetric integer weights, one file for vLLM and transformers;
 - ``"gguf"``: one ``.gguf`` file for llama.cpp / Ollama (Q4_1 / Q5_1 blocks, see :mod:`.gguf`);
 - ``"gptq"``: the GPTQ layout (``qweight``/``qzeros``/``scales``/``g_idx``) read by GPTQModel and transformers.
 
@@ -57,9 +57,9 @@ def export(
         format: one of :data:`FORMATS`.
         tokenizer: a tokenizer or its path; default: the one saved beside the base model (required).
         overwrite: replace an existing ``output_dir`` (only after the new export has been written completely).
-        options: format-specific keyword arguments (``scale_dtype`` for compressed-tensors, ``float_type`` /
-            ``pre_tokenizer`` for gguf, ``checkpoint_format`` for gptq). A model loaded with
-            ``peqa_peft.load_gguf`` is exported to ``format="gguf"`` by rewriting its source file
+        options: format-specific keyword arguments (``scale_dtype`` and ``target="any"|"vllm-cpu"`` for
+            compressed-tensors, ``float_type`` / ``pre_tokenizer`` for gguf, ``checkpoint_format`` for gptq). A model
+            loaded with ``peqa_peft.load_gguf`` is exported to ``format="gguf"`` by rewriting its source file
             (:mod:`peqa_peft.integrations.formats.gguf.source_writer`; options ``k_quants="exact"|"requantize"``).
     """
     if format == "gguf" and _gguf_source(model) is not None:

@@ -50,7 +50,8 @@ def _card(out_dir: Path, model: nn.Module, exported) -> None:
         f"- base model: {base or 'unknown'}",
         "",
         "Load with `AutoModelForCausalLM.from_pretrained(<this repo>)` (needs `compressed-tensors`); "
-        "peqa_peft is not needed.",
+        "peqa_peft is not needed. vLLM serves the same files (checked with vLLM 0.32 on CPU, which needs 4-bit "
+        "layers with widths that are multiples of 32).",
     ]
     _set_section(str(out_dir), CARD_HEADING, lines, {"peqa_peft", "peqa", "compressed-tensors"}, base)
 
@@ -96,7 +97,7 @@ def save_pretrained(
     save_directory: str | os.PathLike,
     tokenizer: Any = None,
     scale_dtype=None,
-    zero_point_layout: str = "transformers",
+    target: str = "any",
     overwrite: bool = False,
     **unused: Any,
 ) -> list[str]:
@@ -109,7 +110,8 @@ def save_pretrained(
     over; the weights and configs of an earlier model save are superseded. Any other file (e.g. an adapter's
     ``adapter_config.json``) is refused up front, before anything is written: pass ``overwrite=True`` to replace
     the whole directory (then nothing is carried over). Sharding/serialization keyword arguments of transformers'
-    method are accepted and ignored (one safetensors file is written).
+    method are accepted and ignored (one safetensors file is written). ``target="vllm-cpu"`` refuses, before anything
+    is written, layers vLLM cannot serve on CPU (see :mod:`.writer`); the file is the same either way.
     """
     from .. import _common
     from . import writer as compressed_tensors
@@ -123,10 +125,10 @@ def save_pretrained(
             "them beside the new checkpoint. Pass overwrite=True to replace the whole directory, or save elsewhere"
         )
     exported = _common.collect(self)
-    compressed_tensors.validate(exported, scale_dtype, zero_point_layout)
+    compressed_tensors.validate(exported, scale_dtype, target)
     tok = _common.load_tokenizer(self, tokenizer) if tokenizer is not None else None
     with atomic_output_dir(out, overwrite=True) as tmp:
-        compressed_tensors.write(exported, tmp, scale_dtype=scale_dtype, zero_point_layout=zero_point_layout)
+        compressed_tensors.write(exported, tmp, scale_dtype=scale_dtype, target=target)
         if exported.generation_config is not None:
             exported.generation_config.save_pretrained(tmp)
         if tok is not None:
