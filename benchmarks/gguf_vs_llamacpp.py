@@ -217,10 +217,20 @@ PEERS = {"ours": "llama_cpp_Q4_1", "ours_w4": "llama_cpp_Q4_1", "ours_w3": "llam
 
 
 def report(result: dict) -> str:
-    real, rnd = result["real"], result["random"]
     lines = [
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, load average at start "
-        f"{' '.join(result['machine']['load_average'])}; llama.cpp threads {real['decode']['threads']}.",
+        f"{' '.join(result['machine']['load_average'])}; llama.cpp threads {result['args']['threads']}.",
+    ]
+    if "real" in result:
+        lines += _real_report(result)
+    if "random" in result:
+        lines += _random_report(result)
+    return "\n".join(lines)
+
+
+def _real_report(result: dict) -> list[str]:
+    real = result["real"]
+    lines = [
         "",
         f"## Real: SmolLM2-135M-Instruct, tuned {real['steps']} PEQA steps (lr {real['lr']}; |Δs|/|s0| mean "
         f"{real['scale_change']['mean_rel']:.2e}, {100 * real['scale_change']['fp16_changed']:.1f}% of scales "
@@ -236,8 +246,13 @@ def report(result: dict) -> str:
     ]
     for name in real["files"]:
         lines.append(_row(name, real["files"], real["decode"], real["ppl_llama_cpp"], PEERS.get(name)))
+    return lines
+
+
+def _random_report(result: dict) -> list[str]:
+    rnd = result["random"]
     cfg = rnd["config"]
-    lines += [
+    lines = [
         "",
         f"## Random weights, Llama-shaped: hidden {cfg['hidden_size']}, MLP {cfg['intermediate_size']}, "
         f"{cfg['num_hidden_layers']} layers, the demo model's 4096-token vocabulary (tied, F16 in every file)",
@@ -249,7 +264,7 @@ def report(result: dict) -> str:
     ]
     for name in rnd["files"]:
         lines.append(_row(name, rnd["files"], rnd["decode"], None, PEERS.get(name)))
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv=None) -> None:
@@ -264,7 +279,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (decode and quantize)")
-    parser.add_argument("--out", type=Path, help="write result.json and README.md here")
+    parser.add_argument("--only", choices=("real", "random"), help="measure one model (result-<name>.json)")
+    parser.add_argument("--out", type=Path, help="write result.json and table.md here")
     args = parser.parse_args(argv)
     machine = {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()}
     machine["load_average"] = Path("/proc/loadavg").read_text().split()[:3]
@@ -272,18 +288,21 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        print(f"[{time.strftime('%H:%M:%S')}] real model", file=sys.stderr, flush=True)
-        result["real"] = real_model(tmp, args)
-        print(json.dumps(result["real"]), flush=True)
-        print(f"[{time.strftime('%H:%M:%S')}] random model", file=sys.stderr, flush=True)
-        result["random"] = random_model(tmp, args)
+        if args.only in (None, "real"):
+            print(f"[{time.strftime('%H:%M:%S')}] real model", file=sys.stderr, flush=True)
+            result["real"] = real_model(tmp, args)
+            print(json.dumps(result["real"]), flush=True)
+        if args.only in (None, "random"):
+            print(f"[{time.strftime('%H:%M:%S')}] random model", file=sys.stderr, flush=True)
+            result["random"] = random_model(tmp, args)
     result["seconds"] = time.perf_counter() - start
     text = report(result)
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-        (args.out / "table.md").write_text(text + "\n")
+        suffix = f"-{args.only}" if args.only else ""
+        (args.out / f"result{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / f"table{suffix}.md").write_text(text + "\n")
 
 
 def _cpu() -> str:
