@@ -117,25 +117,21 @@ def memory_report(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def perplexity(path: Path, steps: int, seq_len: int, max_tokens: int, lr: float) -> dict:
-    import numpy as np
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def tune(peft_model, tokenizer, steps: int, seq_len: int, lr: float) -> tuple[list[float], float]:
+    """``steps`` AdamW steps on the PEQA scales, batch 1 x ``seq_len`` tokens of Alpaca; (losses, seconds)."""
     import torch
-    from gguf_perplexity import llama_cpp_nll, torch_nll
-    from peft import get_peft_model
 
-    from peqa_peft import PeqaConfig, load_gguf, load_gguf_tokenizer
-    from peqa_peft.integrations.formats import export
     from peqa_peft.workflows.data import format_alpaca
-    from peqa_peft.workflows.evaluate import load_eval_text
 
-    model = load_gguf(path)
-    tokenizer = load_gguf_tokenizer(model)
-    tokens = tokenizer(load_eval_text("wikitext2")).input_ids[:max_tokens]
-    windows = [tokens[i : i + seq_len] for i in range(0, len(tokens) - seq_len + 1, seq_len)]
-    peft_model = get_peft_model(model, PeqaConfig(bits=4, group_size=32, task_type="CAUSAL_LM"))
     rows = json.loads((Path(__file__).resolve().parents[1] / "assets/data/alpaca_data_5000.json").read_text())
     texts = [(lambda r: r["prompt"] + r["completion"])(format_alpaca(row)) for row in rows[: steps * 4]]
     stream = tokenizer("\n\n".join(texts)).input_ids
+    if len(stream) < steps * seq_len:
+        raise ValueError(f"{steps} steps x {seq_len} tokens need more Alpaca text than {len(rows)} rows hold")
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
     peft_model.train()
     start = time.perf_counter()
@@ -147,25 +143,132 @@ def perplexity(path: Path, steps: int, seq_len: int, max_tokens: int, lr: float)
         opt.step()
         opt.zero_grad()
         losses.append(round(loss.item(), 3))
-    train_seconds = time.perf_counter() - start
-    peft_model.eval()
-    ppl_tuned_torch = float(np.exp(torch_nll(peft_model, windows)))
-    result = {"windows": len(windows), "seq_len": seq_len, "tokens": len(windows) * seq_len, "steps": steps}
-    result.update(lr=lr, train_seconds=round(train_seconds, 1), losses=losses)
-    with tempfile.TemporaryDirectory() as tmp:
-        tuned = export(peft_model, Path(tmp) / "tuned", format="gguf")
-        result["ppl_source_llama_cpp"] = float(np.exp(llama_cpp_nll(path, windows, seq_len)))
-        result["ppl_tuned_export_llama_cpp"] = float(np.exp(llama_cpp_nll(tuned / "model.gguf", windows, seq_len)))
-        result["ppl_tuned_peqa_pytorch"] = ppl_tuned_torch
-        result["tuned_export_summary"] = json.loads((tuned / "gguf_export.json").read_text())
-        peft_model.unload()
-        untuned_model = get_peft_model(model, PeqaConfig(bits=4, group_size=32, task_type="CAUSAL_LM"))
-        untuned = export(untuned_model, Path(tmp) / "untuned", format="gguf")
-        result["untuned_export_identical_to_source"] = (untuned / "model.gguf").read_bytes() == path.read_bytes()
-        result["ppl_untuned_export_llama_cpp"] = float(np.exp(llama_cpp_nll(untuned / "model.gguf", windows, seq_len)))
-        result["ppl_untuned_peqa_pytorch"] = float(np.exp(torch_nll(untuned_model, windows)))
-        untuned_model.unload()
+    return losses, time.perf_counter() - start
+
+
+def scale_change(model) -> dict:
+    """How far tuning moved the scales: |Δs|/|s0| (mean, max) and the share of scales whose fp16 value (what a GGUF
+    block stores) differs from the untuned one."""
+    rel_sum, count, rel_max, changed = 0.0, 0, 0.0, 0
+    for module in model.modules():
+        if not getattr(module, "peqa_scale", None):
+            continue
+        s0 = module.get_base_layer().scale.float()
+        delta = sum(p.detach().float() for p in module.peqa_scale.values())
+        rel = delta.abs() / s0.abs().clamp_min(1e-12)
+        rel_sum += rel.sum().item()
+        count += rel.numel()
+        rel_max = max(rel_max, rel.max().item())
+        changed += (s0.half() != (s0 + delta).half()).sum().item()
+    return {"scales": count, "mean_rel": rel_sum / count, "max_rel": rel_max, "fp16_changed": changed / count}
+
+
+def llama_cpp_ppl(files: dict[str, Path], windows: list[list[int]], threads: int, tmp: Path) -> dict[str, dict]:
+    """WikiText-2 perplexity of each file by llama.cpp in a separate process that never imports peqa_peft."""
+    (tmp / "windows.json").write_text(json.dumps(windows))
+    script = Path(__file__).resolve().parent / "llama_cpp_score.py"
+    cmd = [sys.executable, str(script), "nll", *map(str, files.values()), "--windows", str(tmp / "windows.json")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([*cmd, "--threads", str(threads)], capture_output=True, text=True, env=env, check=False)
+    if out.returncode:
+        raise RuntimeError(f"llama_cpp_score failed:\n{out.stderr[-3000:]}")
+    scores = json.loads(out.stdout.strip().splitlines()[-1])
+    return {name: score for name, score in zip(files, scores)}
+
+
+def perplexity(
+    path: Path,
+    steps: int,
+    seq_len: int,
+    max_tokens: int,
+    lr: float,
+    k_quants: list[str],
+    threads: int,
+    train_seq_len: int,
+) -> dict:
+    """Tune ``steps`` PEQA steps on Alpaca; WikiText-2 perplexity of the PEQA model (PyTorch) and of its GGUF exports
+    (llama.cpp, a process without peqa_peft), tuned and untuned, on the same token windows."""
+    import numpy as np
+    from gguf_perplexity import dense_check, dense_forward, torch_nll
+    from peft import get_peft_model
+
+    from peqa_peft import PeqaConfig, load_gguf, load_gguf_tokenizer
+    from peqa_peft.integrations.formats import export
+    from peqa_peft.workflows.evaluate import load_eval_text
+
+    model = load_gguf(path)
+    tokenizer = load_gguf_tokenizer(model)
+    tokens = tokenizer(load_eval_text("wikitext2")).input_ids[:max_tokens]
+    windows = [tokens[i : i + seq_len] for i in range(0, len(tokens) - seq_len + 1, seq_len)]
+    result = {"windows": len(windows), "seq_len": seq_len, "tokens": len(windows) * seq_len, "steps": steps, "lr": lr}
+    result["train_seq_len"] = train_seq_len
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        # untuned first: the adopted model with a zero delta, exported (byte-identical to the source file)
+        untuned_model = get_peft_model(model, PeqaConfig(adopt_checkpoint_grid=True, task_type="CAUSAL_LM"))
+        untuned_model.eval()
+        _log("untuned PEQA perplexity")
+        with dense_forward(untuned_model):
+            result["ppl_untuned_peqa_pytorch"] = float(np.exp(torch_nll(untuned_model, windows)))
+        untuned = export(untuned_model, tmp / "untuned", format="gguf") / "model.gguf"
+        result["untuned_export_identical_to_source"] = untuned.read_bytes() == path.read_bytes()
+        model = untuned_model.unload()
+
+        peft_model = get_peft_model(model, PeqaConfig(adopt_checkpoint_grid=True, task_type="CAUSAL_LM"))
+        _log("tuning")
+        losses, seconds = tune(peft_model, tokenizer, steps, train_seq_len, lr)
+        result.update(train_seconds=round(seconds, 1), losses=losses)
+        result["scale_change"] = scale_change(peft_model)
+        peft_model.eval()
+        _log("tuned PEQA perplexity")
+        with dense_forward(peft_model):
+            result["ppl_tuned_peqa_pytorch"] = float(np.exp(torch_nll(peft_model, windows)))
+        _log("dense vs PEQA forward check")
+        result["dense_vs_peqa_forward_max_abs_logit_diff"] = dense_check(peft_model, windows[0][:32])
+        files = {"source": path, "untuned_export": untuned}
+        summaries = {}
+        for mode in k_quants:
+            out = export(peft_model, tmp / f"tuned-{mode}", format="gguf", k_quants=mode)
+            files[f"tuned_export_{mode}"] = out / "model.gguf"
+            summaries[mode] = json.loads((out / "gguf_export.json").read_text())
+            summaries[mode]["bytes"] = (out / "model.gguf").stat().st_size
+        result["tuned_export_summary"] = summaries
+        result["source_bytes"] = path.stat().st_size
+        _log("llama.cpp perplexity")
+        result["llama_cpp"] = llama_cpp_ppl(files, windows, threads, tmp)
+    cpp = result["llama_cpp"]
+    result["gap_untuned"] = cpp["untuned_export"]["ppl"] / result["ppl_untuned_peqa_pytorch"] - 1
+    for mode in k_quants:
+        result[f"gap_tuned_{mode}"] = cpp[f"tuned_export_{mode}"]["ppl"] / result["ppl_tuned_peqa_pytorch"] - 1
     return result
+
+
+def perplexity_report(r: dict) -> str:
+    """Markdown table of one ``perplexity`` result."""
+    sc = r["scale_change"]
+    lines = [
+        f"{r['windows']} windows x {r['seq_len']} tokens of WikiText-2 test ({r['tokens']} tokens), {r['steps']} PEQA "
+        f"steps (AdamW lr {r['lr']}, batch 1 x {r['train_seq_len']} Alpaca tokens; losses {r['losses'][0]} -> "
+        f"{r['losses'][-1]}). Scales moved by |Δs|/|s0| = {sc['mean_rel']:.2e} mean, {sc['max_rel']:.2e} max; "
+        f"{100 * sc['fp16_changed']:.1f}% of the {sc['scales']} scales have a different fp16 value than before "
+        "tuning. Untuned export byte-identical to the source file: "
+        f"{r['untuned_export_identical_to_source']}. PyTorch perplexities use each layer's weight s * (q - z) "
+        "dequantized once (benchmarks/gguf_perplexity.py's dense_forward; max |logit diff| to the PEQA forward on "
+        f"32 tokens: {r['dense_vs_peqa_forward_max_abs_logit_diff']:.2e}).",
+        "",
+        "| model | PEQA in PyTorch | GGUF in llama.cpp | llama.cpp / PyTorch - 1 | file bytes |",
+        "|---|---:|---:|---:|---:|",
+        f"| source file | | {r['llama_cpp']['source']['ppl']:.4f} | | {r['source_bytes']:,} |",
+        f"| adopted, untuned (export = source) | {r['ppl_untuned_peqa_pytorch']:.4f} "
+        f"| {r['llama_cpp']['untuned_export']['ppl']:.4f} | {100 * r['gap_untuned']:+.3f}% | {r['source_bytes']:,} |",
+    ]
+    for mode, summary in r["tuned_export_summary"].items():
+        lines.append(
+            f'| tuned, `k_quants="{mode}"` | {r["ppl_tuned_peqa_pytorch"]:.4f} '
+            f"| {r['llama_cpp'][f'tuned_export_{mode}']['ppl']:.4f} | {100 * r[f'gap_tuned_{mode}']:+.3f}% "
+            f"| {summary['bytes']:,} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -176,6 +279,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--train-seq-len", type=int, default=128, help="perplexity: tokens per tuning step")
+    parser.add_argument("--k-quants", nargs="+", default=["exact"], choices=("exact", "requantize"))
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    parser.add_argument("--md", type=Path, help="perplexity: also write the markdown table here")
     parser.add_argument("--mode", choices=MODES, help="internal: measure one mode in this process")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -189,11 +296,23 @@ def main(argv=None) -> None:
         result = {
             "model": str(path),
             "machine": machine,
-            **perplexity(path, args.steps, args.seq_len, args.max_tokens, args.lr),
+            **perplexity(
+                path,
+                args.steps,
+                args.seq_len,
+                args.max_tokens,
+                args.lr,
+                args.k_quants,
+                args.threads,
+                args.train_seq_len,
+            ),
         }
         print(json.dumps(result, indent=1))
+        print(perplexity_report(result))
         if args.json:
             args.json.write_text(json.dumps(result, indent=1) + "\n")
+        if args.md:
+            args.md.write_text(perplexity_report(result) + "\n")
         return
     if args.mode:
         print("RESULT " + json.dumps(measure(args.mode, path, args.steps, args.seq_len)))

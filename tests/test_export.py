@@ -173,9 +173,12 @@ def _gguf_layer_weights(path: Path) -> dict:
     return {t.name: (t.tensor_type.name, gguf.quants.dequantize(t.data, t.tensor_type)) for t in reader.tensors}
 
 
-@pytest.mark.parametrize("bits,group_size,qtype", [(4, None, "Q4_1"), (5, 32, "Q5_1"), (3, 64, "Q4_1")])
+@pytest.mark.parametrize(
+    "bits,group_size,qtype", [(4, None, "Q4_1"), (5, 32, "Q5_1"), (3, 64, "Q4_0"), (2, 32, "Q4_0")]
+)
 def test_gguf_blocks_hold_the_codes_exactly(tmp_path, bits, group_size, qtype, demo_tokenizer):
-    """Q4_1/Q5_1 blocks decode (gguf-py) to d*q + m with d = fp16(s), m = fp16(-d*z): the PEQA codes, unchanged."""
+    """Q4_1/Q5_1 blocks decode (gguf-py) to d*q + m with d = fp16(s), m = fp16(-d*z); Q4_0 blocks (every 2/3-bit
+    layer) to d*(q - z) with d = fp16(s) and nothing else rounded: the PEQA codes, unchanged."""
     model = tuned(tiny_llama(vocab_size=4096), bits, group_size)
     export(model, tmp_path / "out", format="gguf", tokenizer=demo_tokenizer)
     weights = _gguf_layer_weights(tmp_path / "out" / "model.gguf")
@@ -184,8 +187,54 @@ def test_gguf_blocks_hold_the_codes_exactly(tmp_path, bits, group_size, qtype, d
     assert kind == qtype
     per = layer.effective_group_size
     d = layer.scale.half().float().repeat_interleave(per, 1)
-    m = (-(layer.scale.half().float() * layer.zero.float())).half().float().repeat_interleave(per, 1)
-    np.testing.assert_array_equal(data, (d * layer.codes.float() + m).numpy())
+    zero = layer.zero.float().repeat_interleave(per, 1)
+    if qtype == "Q4_0":
+        expected = d * (layer.codes.float() - zero)
+    else:
+        m = (-(layer.scale.half().float() * layer.zero.float())).half().float().repeat_interleave(per, 1)
+        expected = d * layer.codes.float() + m
+    np.testing.assert_array_equal(data, expected.numpy())
+
+
+def test_gguf_q4_0_only_where_every_code_fits_and_llama_cpp_decodes_it(tmp_path, demo_tokenizer):
+    """A 4-bit layer takes Q4_0 only when every ``q - z + 8`` lies in [0, 15] (here: z = 8 everywhere), else Q4_1
+    (one group with z = 7 and a code 15). llama.cpp's own dequantizer (its quantizer writing F32 from our file)
+    gives exactly fp16(s) * (q - z) for the Q4_0 layer."""
+    import ctypes
+
+    import gguf
+
+    llama_cpp = _llama_cpp()
+    model = tuned(tiny_llama(vocab_size=4096), 4, 32)
+    fits = "base_model.model.model.layers.0.mlp.up_proj"
+    misfit = "base_model.model.model.layers.0.mlp.gate_proj"
+    with torch.no_grad():
+        base = model.get_submodule(fits).get_base_layer()
+        base.zero_point.fill_(8)
+        other = model.get_submodule(misfit).get_base_layer()
+        other.zero_point.fill_(8)
+        other.zero_point[3, 1] = 7
+    codes = collect(model).layers[misfit.removeprefix("base_model.model.")].codes
+    assert codes[3, 32:64].max() == 15  # minmax: the group's maximum takes the top code, 15 - 7 + 8 = 16 > 15
+    exported = collect(model)
+    assert gguf_writer.block_type(exported.layers[fits.removeprefix("base_model.model.")]) == "Q4_0"
+    assert gguf_writer.block_type(exported.layers[misfit.removeprefix("base_model.model.")]) == "Q4_1"
+    out = export(model, tmp_path / "out", format="gguf", tokenizer=demo_tokenizer) / "model.gguf"
+    weights = _gguf_layer_weights(out)
+    assert weights["blk.0.ffn_up.weight"][0] == "Q4_0" and weights["blk.0.ffn_gate.weight"][0] == "Q4_1"
+    assert weights["blk.1.ffn_up.weight"][0] == "Q4_1"  # untouched layers of the 4-bit model keep Q4_1
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
+    params.allow_requantize = True
+    params.nthread = 1
+    f32 = tmp_path / "f32.gguf"
+    assert llama_cpp.llama_model_quantize(str(out).encode(), str(f32).encode(), ctypes.byref(params)) == 0
+    theirs = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(f32)).tensors}
+    layer = exported.layers[fits.removeprefix("base_model.model.")]
+    d = layer.scale.half().float().repeat_interleave(32, 1)
+    expected = d * (layer.codes.float() - layer.zero.float().repeat_interleave(32, 1))
+    np.testing.assert_array_equal(theirs["blk.0.ffn_up.weight"], expected.numpy())
 
 
 def test_gguf_trained_zero_point_is_exact_and_odd_widths_fall_back(tmp_path, demo_tokenizer):

@@ -2,9 +2,16 @@
 
 How each PEQA layer is stored (``W = s * (q - z)``, per output channel or per group of ``group_size`` inputs):
 
-- **b ≤ 4 bits → Q4_1**, exactly: a Q4_1 block is 32 consecutive inputs of one row with ``w = d * q + m``; with
-  ``d = s`` and ``m = -s * z`` (both fp16, as the format stores them) and the 4-bit code ``q`` copied as it is, it is
-  the PEQA weight up to the fp16 rounding of ``s`` and ``s * z``. 2- and 3-bit codes fit in the 4-bit field unchanged.
+- **b ≤ 4 bits with integer zero-points whose codes all fit Q4_0 → Q4_0**, exactly: a Q4_0 block is
+  ``w = d * (q' - 8)``; with ``d = s`` and ``q' = q - z + 8`` it is ``s * (q - z)`` up to the fp16 rounding of ``s``
+  alone (no rounded offset, unlike Q4_1). ``q'`` must lie in ``[0, 15]``, which holds for every 2- and 3-bit layer
+  (``q, z`` in ``[0, 7]``) and for a 4-bit layer only when its codes stay within ``[z - 8, z + 7]`` (e.g. ``z = 8``
+  everywhere; PEQA's asymmetric 4-bit grid uses codes 0 and 15 in most groups, so most 4-bit layers take Q4_1).
+  Q4_0 is 18 bytes per 32 weights instead of 20, and llama.cpp's Q4_0 dot product is its simplest.
+- **otherwise b ≤ 4 bits → Q4_1**, exactly: a Q4_1 block is 32 consecutive inputs of one row with
+  ``w = d * q + m``; with ``d = s`` and ``m = -s * z`` (both fp16, as the format stores them) and the 4-bit code
+  ``q`` copied as it is, it is the PEQA weight up to the fp16 rounding of ``s`` and ``s * z``. (2- and 3-bit codes
+  would fit the 4-bit field unchanged, but they always fit Q4_0, above.)
 - **b = 5 → Q5_1**, exactly in the same way (5-bit codes, fp16 ``d`` and ``m``).
 - This needs every block of 32 inputs inside one PEQA group: ``in_features % 32 == 0`` and per-channel scales or a
   ``group_size`` that is a multiple of 32. A trained (fractional) zero-point is fine: ``m`` is a float.
@@ -47,12 +54,26 @@ def _gguf():
     return gguf
 
 
+def q4_0_codes(layer: QuantWeight) -> Optional[torch.Tensor]:
+    """The codes shifted to Q4_0's fixed offset 8, ``q - z + 8`` (uint8 ``(out, in)``), or ``None`` when the layer
+    has more than 4 bits, a fractional zero-point, or a code that the shift puts outside ``[0, 15]``."""
+    zero = layer.zero
+    if layer.bits > 4 or (zero.is_floating_point() and not torch.equal(zero, zero.round())):
+        return None
+    shift = (8 - zero.to(torch.int16)).repeat_interleave(layer.effective_group_size, dim=1)
+    shifted = layer.codes.to(torch.int16) + shift
+    if shifted.min() < 0 or shifted.max() > 15:
+        return None
+    return shifted.to(torch.uint8)
+
+
 def block_type(layer: QuantWeight) -> Optional[str]:
-    """``"Q4_1"`` / ``"Q5_1"`` when the layer maps exactly onto those blocks, else ``None`` (float fallback)."""
+    """``"Q4_0"`` / ``"Q4_1"`` / ``"Q5_1"`` when the layer maps exactly onto those blocks (Q4_0 preferred: smaller,
+    and no fp16 offset), else ``None`` (float fallback)."""
     if layer.in_features % BLOCK or layer.effective_group_size % BLOCK:
         return None
     if layer.bits <= 4:
-        return "Q4_1"
+        return "Q4_0" if q4_0_codes(layer) is not None else "Q4_1"
     if layer.bits == 5:
         return "Q5_1"
     return None
@@ -112,6 +133,18 @@ def q4_1_blocks(layer: QuantWeight, rows: Optional[torch.Tensor] = None) -> np.n
     qs = q[..., :16] | (q[..., 16:] << np.uint8(4))  # element j in the low nibble, j + 16 in the high one
     blocks = np.concatenate([d[..., None].view(np.uint8), m[..., None].view(np.uint8), qs], axis=-1)
     return blocks.reshape(layer.out_features, -1)
+
+
+def q4_0_blocks(layer: QuantWeight, rows: Optional[torch.Tensor] = None) -> np.ndarray:
+    """The layer as Q4_0 rows: ``uint8 (out, in/32 * 18)``; each block is fp16 d, 16 bytes of nibbles ``q - z + 8``."""
+    rows = torch.arange(layer.out_features) if rows is None else rows
+    codes = q4_0_codes(layer)
+    if codes is None:
+        raise ValueError(f"layer '{layer.name}' does not fit Q4_0 (see block_type)")
+    q = codes[rows].numpy().reshape(layer.out_features, -1, BLOCK)
+    d = layer.scale[rows].repeat_interleave(layer.effective_group_size // BLOCK, dim=1).to(torch.float16).numpy()
+    qs = q[..., :16] | (q[..., 16:] << np.uint8(4))  # element j in the low nibble, j + 16 in the high one
+    return np.concatenate([d[..., None].view(np.uint8), qs], axis=-1).reshape(layer.out_features, -1)
 
 
 def q5_1_blocks(layer: QuantWeight, rows: Optional[torch.Tensor] = None) -> np.ndarray:
@@ -274,7 +307,9 @@ def write(
     qtypes = {name: block_type(layer) for name, layer in model.layers.items()}
     used = {t for t in qtypes.values() if t}
     file_type = {
+        frozenset({"Q4_0"}): gguf.LlamaFileType.MOSTLY_Q4_0,
         frozenset({"Q4_1"}): gguf.LlamaFileType.MOSTLY_Q4_1,
+        frozenset({"Q4_0", "Q4_1"}): gguf.LlamaFileType.MOSTLY_Q4_1,
         frozenset({"Q5_1"}): gguf.LlamaFileType.MOSTLY_Q5_1,
     }.get(frozenset(used), gguf.LlamaFileType.MOSTLY_F16 if float_type == "f16" else gguf.LlamaFileType.ALL_F32)
 
@@ -298,7 +333,11 @@ def write(
     for name, layer in model.layers.items():
         rows = _rows_for(name, layer.out_features, config)
         qtype = qtypes[name]
-        if qtype == "Q4_1":
+        if qtype == "Q4_0":
+            writer.add_tensor(
+                gguf_name(name + ".weight"), q4_0_blocks(layer, rows), raw_dtype=gguf.GGMLQuantizationType.Q4_0
+            )
+        elif qtype == "Q4_1":
             writer.add_tensor(
                 gguf_name(name + ".weight"), q4_1_blocks(layer, rows), raw_dtype=gguf.GGMLQuantizationType.Q4_1
             )
