@@ -38,7 +38,7 @@ def compand(normed: torch.Tensor) -> torch.Tensor:
     """
     t = normed.abs() * float(_MAXC * _MAXC)
     c = torch.round(torch.sqrt(t))
-    c = c + ((c + 0.5) * (c + 0.5) <= t).float() - ((c - 0.5) * (c - 0.5) > t).float()
+    c = c + ((c + 0.5) * (c + 0.5) <= t).float() - (((c - 0.5) * (c - 0.5) > t) & (c > 0)).float()
     return (torch.sign(normed) * c).to(torch.int8)
 
 
