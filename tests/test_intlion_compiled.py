@@ -107,3 +107,25 @@ def test_auto_compiles_only_large_weights(monkeypatch):
 def test_bad_kernel_option():
     with pytest.raises(ValueError, match="kernel"):
         IntLion([nn.Parameter(torch.zeros(3))], kernel="fast")
+
+
+def test_a_failed_compile_falls_back_to_eager_only_under_auto(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr("peqa_peft.core.kernels._mode", "compiled")  # restored afterwards (the fallback changes it)
+    monkeypatch.setattr(integer_update, "_compiled", lambda: broken)
+    results = []
+    for kernel in ("eager", "auto"):
+        w = _weight(512, 512, torch.float32, True)
+        w.grad = Int8Grad.from_float(torch.randn(512, 512, generator=torch.Generator().manual_seed(0)))
+        optimizer = IntLion([w], lr=1e-3, kernel=kernel)
+        if kernel == "auto":
+            with pytest.warns(RuntimeWarning, match="torch.compile of IntLion's update failed"):
+                optimizer.step()
+        else:
+            optimizer.step()
+        results.append(w.codes.clone())
+    assert torch.equal(*results)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        IntLion([w], lr=1e-3, kernel="compiled").step()

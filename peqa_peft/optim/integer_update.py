@@ -11,12 +11,15 @@ An *integer row weight* is any tensor-like object with
   0 for never).
 
 QFT's :class:`~peqa_peft.core.qft.tensor.QftWeight` is one; it does not know this module. :class:`IntLion` updates
-every parameter for which :func:`is_integer_weight` holds with :func:`lion_update_rows_`, chunk by chunk, and calls
-:func:`reselect_outliers_` every ``refresh_every`` steps.
+every parameter for which :func:`is_integer_weight` holds with :func:`lion_momentum_update_` (one fused function per
+row chunk: direction, momentum and code update; compiled or eager, bit-identical) and calls
+:func:`reselect_outliers_` every ``refresh_every`` steps. :func:`lion_update_rows_` is the same code update for a
+given direction.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Optional
 
@@ -243,8 +246,22 @@ def lion_momentum_update_(
             d_out = _outlier_direction(local, g, g_scale, m, m_absmax, cols, hp)
         mask = _outlier_mask(local, r1 - r0, cols, device)
         row0 = torch.tensor(r0, dtype=torch.int32, device=device)
-        out = run(weight.codes[r0:r1], weight.scale[r0:r1], weight.zero_point[r0:r1], g, g_scale, m, m_absmax, mask,
-                  hp, key_t, row0)  # fmt: skip
+        args = (weight.codes[r0:r1], weight.scale[r0:r1], weight.zero_point[r0:r1], g, g_scale, m, m_absmax, mask,
+                hp, key_t, row0)  # fmt: skip
+        try:
+            out = run(*args)
+        except Exception as exc:  # compiling failed (no C++ compiler, unsupported device): same math, uncompiled
+            if run is _lion_rows or kernel == "compiled":  # asked for explicitly: no silent fallback
+                raise
+            warnings.warn(
+                f"peqa_peft: torch.compile of IntLion's update failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                "using the eager update (same results) and uncompiled kernels from now on.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            kernels.set_kernel_mode("eager")  # as peqa_peft's other kernels do ("auto" follows the kernel mode)
+            run = _lion_rows
+            out = run(*args)  # the kernel is a pure function: nothing was written yet
         weight.codes[r0:r1], weight.scale[r0:r1], weight.zero_point[r0:r1] = out[0], out[1], out[2]
         m.copy_(out[3])
         if m_absmax is not None:
