@@ -160,10 +160,10 @@ def test_edge_codes_get_their_update(push):
     assert torch.allclose(grid, grid.round(), atol=1e-3)
 
 
-def _resume_run(dtype: torch.dtype, stock_load: bool = False):
+def _resume_run(dtype: torch.dtype, stock_load: bool = False, kernel: str = "auto"):
     """Train 3 steps, checkpoint, train 3 more; resume a fresh model from the checkpoint and train the same 3."""
     model = _qft(outlier_refresh_steps=2, modules_to_save=["lm_head"]).to(dtype)
-    optimizer = IntLion(model.parameters(), lr=2e-3, seed=7)
+    optimizer = IntLion(model.parameters(), lr=2e-3, seed=7, kernel=kernel)
     _qft_steps(model, optimizer, 3)
     saved_model = copy.deepcopy({k: v.clone() for k, v in model.state_dict().items()})
     buffer = io.BytesIO()
@@ -175,7 +175,7 @@ def _resume_run(dtype: torch.dtype, stock_load: bool = False):
 
     fresh = _qft(seed=1, outlier_refresh_steps=2, modules_to_save=["lm_head"]).to(dtype)  # overwritten below
     fresh.load_state_dict(saved_model)
-    fresh_opt = IntLion(fresh.parameters(), lr=2e-3, seed=0)
+    fresh_opt = IntLion(fresh.parameters(), lr=2e-3, seed=0, kernel=kernel)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
     (torch.optim.Optimizer.load_state_dict if stock_load else IntLion.load_state_dict)(fresh_opt, state)
@@ -186,9 +186,22 @@ def _resume_run(dtype: torch.dtype, stock_load: bool = False):
     return got == expected and same_codes and same_params
 
 
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_resume_from_state_dict_is_bit_identical(dtype):
-    assert _resume_run(dtype)
+def test_resume_from_state_dict_is_bit_identical(dtype, kernel):
+    assert _resume_run(dtype, kernel=kernel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_and_eager_updates_train_the_same_model(dtype):
+    runs = []
+    for kernel in ("eager", "compiled"):
+        model = _qft(outlier_refresh_steps=2).to(dtype)
+        losses = _qft_steps(model, IntLion(model.parameters(), lr=2e-3, weight_decay=0.1, kernel=kernel), 3)
+        runs.append((losses, [w.state_tensors() for w in _weights(model)]))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_stock_load_state_dict_breaks_bf16_resume():

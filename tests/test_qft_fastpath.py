@@ -8,7 +8,7 @@ from torch import nn
 
 from peqa_peft import IntLion
 from peqa_peft.core import chunks
-from peqa_peft.core.stochastic import counter_generator
+from peqa_peft.core.stochastic import counter_key, counter_uniform, key_tensor
 from peqa_peft.optim import dequantize_blockwise, quantize_blockwise
 from peqa_peft.tuners.qft import Int8Grad, QftWeight, qft_linear
 
@@ -54,8 +54,8 @@ def _reference_lion(w: QftWeight, grad: torch.Tensor, m_codes, m_absmax, lr, wd,
     """IntLion's QFT update written densely, from its definition (independent of the chunked implementation)."""
     g = grad.float()
     m = dequantize_blockwise(m_codes, m_absmax, w.shape) if m_codes is not None else torch.zeros(w.shape)
-    d = torch.sign(torch.add(m * betas[0], g, alpha=1 - betas[0]))
-    m = torch.add(m * betas[1], g, alpha=1 - betas[1])
+    d = torch.sign(m * betas[0] + g * (1 - betas[0]))
+    m = m * betas[1] + g * (1 - betas[1])
     codes = w.codes.float()
     update = d * (-lr / w.scale) - lr * wd * (codes - w.zero_point) + codes
     idx = w.outlier_idx.long()
@@ -78,7 +78,8 @@ def _reference_lion(w: QftWeight, grad: torch.Tensor, m_codes, m_absmax, lr, wd,
         s_new, z_new = min(options)
         update[r] = (update[r] - z) * (s / s_new) + z_new
         scale[r, 0], zero[r, 0] = s_new, z_new
-    noise = torch.rand(w.shape, generator=counter_generator(seed, stream, step, w.device))
+    key = key_tensor(counter_key(seed, stream, step), w.device)
+    noise = counter_uniform(key, torch.tensor(0, dtype=torch.int32), *w.shape)
     new_codes = torch.floor(update + noise).clamp(0, 255)
     vals = w.outlier_val * (1 - lr * wd) - lr * d.view(-1)[idx]
     return new_codes.to(torch.uint8), vals, *quantize_blockwise(m, 16), scale, zero

@@ -6,6 +6,7 @@ The 2-rank runs are in tests/test_distributed.py; these check each piece against
 import pytest
 import torch
 
+from peqa_peft.core.stochastic import counter_key
 from peqa_peft.integrations.distributed import fsdp
 from peqa_peft.integrations.distributed.fsdp import new_zeros_shard, pad_index, post_all_gather, pre_all_gather
 from peqa_peft.optim.integer_update import lion_update_, reselect_outliers_
@@ -90,8 +91,8 @@ def test_a_shard_trains_like_its_rows_of_the_weight():
     direction = torch.randn(w.shape).sign()
     full = _weight()
     # The same update; the two draw different rounding noise, so codes agree up to one step.
-    lion_update_(full, direction, 1e-2, 0.0, torch.Generator().manual_seed(0))
-    lion_update_(bottom, direction[6:], 1e-2, 0.0, torch.Generator().manual_seed(0))
+    lion_update_(full, direction, 1e-2, 0.0, counter_key(0, 0, 1))
+    lion_update_(bottom, direction[6:], 1e-2, 0.0, counter_key(0, 0, 1, shard=1))
     step = full.scale[6:]
     assert ((bottom.dequantize() - full.dequantize()[6:]).abs() <= step * 1.0001).all()
     # The outliers (float) take exactly the same update; the padding slots stay padding.

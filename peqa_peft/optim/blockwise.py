@@ -25,9 +25,21 @@ def quantize_blocks(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, 
         blocks[: flat.numel()] = flat
         blocks = blocks.view(n_blocks, block_size)
     absmax = blocks.abs().amax(dim=1).clamp_min_(torch.finfo(torch.float32).tiny)
-    normed = blocks.div_(absmax.unsqueeze(1))
-    codes = torch.round(normed.sign() * normed.abs().sqrt_() * _MAXC).to(torch.int8)
-    return codes, absmax
+    return compand(blocks.div_(absmax.unsqueeze(1))), absmax
+
+
+def compand(normed: torch.Tensor) -> torch.Tensor:
+    """int8 codes ``c = sign(x) * round(127 * sqrt(|x|))`` of block-normalized values ``x`` in ``[-1, 1]``.
+
+    Exactly: ``|c|`` is the integer nearest to ``sqrt(t)``, ``t = fl(|x| * 127**2)``, found by correcting a rounded
+    square root with exact comparisons ``(c +- 1/2)**2`` vs ``t`` (ties go up). The correction makes the codes the
+    same whatever ``sqrt`` computes them: eager PyTorch's vectorized float32 ``sqrt`` is not always correctly rounded
+    (1 ulp off) while compiled kernels' is, and IntLion's compiled and eager updates must agree bit for bit.
+    """
+    t = normed.abs() * float(_MAXC * _MAXC)
+    c = torch.round(torch.sqrt(t))
+    c = c + ((c + 0.5) * (c + 0.5) <= t).float() - (((c - 0.5) * (c - 0.5) > t) & (c > 0)).float()
+    return (torch.sign(normed) * c).to(torch.int8)
 
 
 def dequantize_blocks(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
@@ -46,4 +58,4 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, shape: torch
     return dequantize_blocks(codes, absmax)[: math.prod(shape)].reshape(shape)
 
 
-__all__ = ["dequantize_blocks", "dequantize_blockwise", "quantize_blocks", "quantize_blockwise"]
+__all__ = ["compand", "dequantize_blocks", "dequantize_blockwise", "quantize_blocks", "quantize_blockwise"]

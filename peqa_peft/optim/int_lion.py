@@ -27,10 +27,14 @@ For every param with a gradient ``g`` (float32 math, :func:`lion_direction_`)::
   ``dequantize_rows``/``is_finite`` (QFT's ``Int8Grad``) is read row range by row range.
 
 Weight-sized work runs over row chunks of about ``peqa_peft.core.chunks.CHUNK_ELEMENTS`` entries, so every
-temporary stays in cache and none is weight-sized; results do not depend on the chunk size.
+temporary stays in cache and none is weight-sized; results do not depend on the chunk size. An integer weight's
+whole update of a chunk (gradient and momentum dequantization, direction, momentum, code update, grid re-fit,
+stochastic rounding, requantization of codes and momentum) is one function, run through ``torch.compile`` or
+op by op (``kernel=``; bit-identical either way).
 
-The rounding noise of weight ``i`` at step ``t`` comes from a generator seeded by ``(seed, i, t)``, so it is
-reproducible and a resumed run draws the same numbers as an uninterrupted one without saving generator state.
+The rounding noise of entry ``(r, c)`` of weight ``i`` at step ``t`` is a hash of ``(seed, i, t, r, c)``
+(:mod:`peqa_peft.core.stochastic`), so it is reproducible and a resumed run draws the same numbers as an
+uninterrupted one without saving generator state.
 Under FSDP2 the params are ``DTensor`` shards: each rank updates its own piece (its rows of an integer weight, its
 part of a float param), keeps momentum for that piece only, and seeds its noise with the shard index as well.
 
@@ -68,7 +72,7 @@ import torch
 from torch import nn
 
 from ..core.chunks import row_chunks
-from ..core.stochastic import counter_generator
+from ..core.stochastic import counter_key
 from . import integer_update
 from .blockwise import dequantize_blocks, dequantize_blockwise, quantize_blocks, quantize_blockwise
 
@@ -81,6 +85,7 @@ ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 
 
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 10
+KERNELS = ("auto", "compiled", "eager")  # IntLion(kernel=...): how integer weights are updated (see the class)
 _TINY = torch.finfo(torch.float32).tiny  # absmax of an all-zero momentum block (as quantize_blockwise stores it)
 
 
@@ -162,6 +167,12 @@ class IntLion(torch.optim.Optimizer):
         max_consecutive_skips: raise :class:`NonFiniteGradientError` once a param's gradient has been non-finite this
             many steps in a row (each such step is skipped for that param, see the module docstring); ``None``:
             never raise.
+        kernel: how integer weights are updated: ``"compiled"``, one ``torch.compile``'d pass per row chunk
+            (:func:`.integer_update.lion_momentum_update_`); ``"eager"``, the same function run op by op (the
+            reference; bit-identical results, several times slower); ``"auto"`` (default): compiled for weights of at
+            least ``peqa_peft.core.kernels.COMPILE_MIN_WEIGHTS`` entries while peqa_peft's kernel mode is
+            ``"compiled"`` (the default; ``PEQA_KERNELS=eager`` switches it off), eager otherwise. The choice never
+            changes the results, only the speed.
     """
 
     def __init__(
@@ -175,9 +186,12 @@ class IntLion(torch.optim.Optimizer):
         seed: int = 0,
         fused: bool = False,
         max_consecutive_skips: Optional[int] = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+        kernel: str = "auto",
     ) -> None:
         _check_hparams(lr, tuple(betas), weight_decay, block_size, seed)
         _check_max_skips(max_consecutive_skips)
+        if kernel not in KERNELS:
+            raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -188,6 +202,7 @@ class IntLion(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.fused = fused
+        self.kernel = kernel
         self.max_consecutive_skips = max_consecutive_skips
         self._hooks: list = []
         if fused:
@@ -295,34 +310,29 @@ class IntLion(torch.optim.Optimizer):
         state["consecutive_skips"] = 0
         state["step"] += 1
         self._prepare_momentum(state, p, group)
-        integer = integer_update.is_integer_weight(p)
-        generator = counter_generator(group["seed"], stream, state["step"], p.device, shard) if integer else None
-        # Weight-sized work runs chunk by chunk (see row_chunks): each chunk's gradient, momentum and update are
-        # computed while they sit in cache, and no weight-sized float temporary is ever allocated.
-        rows, row_len = (p.shape[0], p.shape[1]) if integer else (p.numel(), 1)
-        # A float param is updated through a flat view (a copy written back at the end if it is not contiguous).
-        flat = None if integer else (p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone())
-        flat_grad = None if integer else grad_of_p.reshape(-1)
+        if integer_update.is_integer_weight(p):
+            # One fused pass per row chunk (compiled or its eager twin, see `kernel`): direction, momentum, codes.
+            key = counter_key(group["seed"], stream, state["step"], shard)
+            integer_update.lion_momentum_update_(
+                p, grad_of_p, state["momentum"], state.get("momentum_absmax"), group["lr"], group["weight_decay"],
+                group["betas"], key, self.kernel,
+            )  # fmt: skip
+            refresh = getattr(p, "refresh_every", 0)
+            if refresh and state["step"] % refresh == 0:
+                integer_update.reselect_outliers_(p)
+            return True
+        # A float param (norms, biases, float embeddings) is updated through a flat view, chunk by chunk (a copy
+        # written back at the end if it is not contiguous).
+        flat = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
+        flat_grad = grad_of_p.reshape(-1)
         align = group["block_size"] if "momentum_absmax" in state else 1
-        for r0, r1 in row_chunks(rows, row_len, align):
-            a, b = r0 * row_len, r1 * row_len
-            grad = _grad_rows(grad_of_p, r0, r1) if integer else flat_grad[a:b].float()
+        for a, b in row_chunks(p.numel(), 1, align):
             momentum = self._momentum_chunk(state, a, b)
-            direction = lion_direction_(momentum, grad.reshape(-1), *group["betas"])
+            direction = lion_direction_(momentum, flat_grad[a:b].float(), *group["betas"])
             self._store_momentum_chunk(state, momentum, a, b)
-            if integer:
-                integer_update.lion_update_rows_(
-                    p, r0, r1, direction.view(r1 - r0, row_len), group["lr"], group["weight_decay"], generator
-                )
-            else:
-                flat[a:b].mul_(1.0 - group["lr"] * group["weight_decay"]).add_(
-                    direction.to(p.dtype), alpha=-group["lr"]
-                )
-        if flat is not None and not p.is_contiguous():
+            flat[a:b].mul_(1.0 - group["lr"] * group["weight_decay"]).add_(direction.to(p.dtype), alpha=-group["lr"])
+        if not p.is_contiguous():
             p.copy_(flat.view(p.shape))
-        refresh = getattr(p, "refresh_every", 0)
-        if integer and refresh and state["step"] % refresh == 0:
-            integer_update.reselect_outliers_(p)
         return True
 
     @staticmethod
