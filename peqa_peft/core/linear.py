@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import int4mm
 from .functional import dequantize_packed, packed_linear
 from .packing import pack_bits, packed_numel
 from .quantizer import QuantMethod, compute_qparams, num_groups, quantize, validate_bits, validate_group_size
@@ -52,6 +53,10 @@ class QuantLinear(nn.Module):
 
     ``forward(x)`` computes ``x @ (s0 * (q - z0))^T + bias`` in the activation dtype; PEQA adapters call it with
     tuned scales instead (``forward(x, scale=s0 + delta_s)``). No floating point copy of the weight is kept.
+
+    In eval mode, without autograd, a 4-bit layer with bf16 activations runs PyTorch's int4 weight-packed matmul
+    instead (:mod:`peqa_peft.core.int4mm`); it caches the kernel's copy of the codes (0.5 byte per weight) until
+    ``train()``, ``.to()`` or :meth:`release_int4_cache`.
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self._int4_cache = int4mm.Int4Cache()
 
     @classmethod
     @torch.no_grad()
@@ -116,6 +122,7 @@ class QuantLinear(nn.Module):
         # and z0 integer (as bitsandbytes keeps its quant state), so the grid, and the fingerprint of every adapter
         # trained on it, survive any cast of the model. Only the bias follows the model's dtype.
         kept = {name: getattr(self, name) for name in ("scale", "zero_point")}
+        self.release_int4_cache()  # the kernel's copy is device-specific: rebuilt from the moved codes when needed
         super()._apply(fn, recurse)
         for name, tensor in kept.items():
             moved = getattr(self, name)
@@ -127,16 +134,48 @@ class QuantLinear(nn.Module):
     def n_groups(self) -> int:
         return self.scale.shape[1]
 
+    def train(self, mode: bool = True) -> QuantLinear:
+        # The int4 kernel's copy of the codes only serves eval-mode inference: training never carries it.
+        if mode:
+            self.release_int4_cache()
+        return super().train(mode)
+
+    def release_int4_cache(self) -> None:
+        """Free the int4 kernel's packed weight and folded scales (rebuilt by the next eligible forward)."""
+        self._int4_cache = int4mm.Int4Cache()
+
+    def int4_cache_bytes(self) -> int:
+        """Bytes held by the int4 kernel's cache (0 unless an eval-mode bf16 forward built it)."""
+        cache = self.__dict__.get("_int4_cache")
+        return 0 if cache is None else cache.nbytes()
+
     def forward(
-        self, x: torch.Tensor, scale: Optional[torch.Tensor] = None, zero_point: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        scale: Optional[torch.Tensor] = None,
+        zero_point: Optional[torch.Tensor] = None,
+        qparams_sources: Optional[tuple[torch.Tensor, ...]] = None,
     ) -> torch.Tensor:
+        """``x @ (s * (q - z))^T + bias`` with ``s``/``z`` the given ones or the layer's own ``s0``/``z0``.
+
+        ``qparams_sources``: the tensors ``scale`` and ``zero_point`` were computed from (PEQA passes ``s0``, ``z0``
+        and the active deltas), so that the int4 path may reuse its folded scales until one of them changes; without
+        it, given scales are refolded at every int4 call. The layer's own scales are their own sources.
+        """
         dtype = _compute_dtype(x)
+        if scale is None and zero_point is None:
+            qparams_sources = (self.scale, self.zero_point)
+        scale = self.scale if scale is None else scale
+        zero_point = self.zero_point if zero_point is None else zero_point
+        # The one dispatch point between PyTorch's int4 kernel and peqa_peft's own kernels (packed_linear).
+        if int4mm.applies(self, x, dtype, scale, zero_point):
+            return int4mm.linear(self, x, scale, zero_point, qparams_sources)
         with torch.autocast(x.device.type, enabled=False):
             return packed_linear(
                 x.to(dtype),
                 self.qweight,
-                self.scale if scale is None else scale,
-                self.zero_point if zero_point is None else zero_point,
+                scale,
+                zero_point,
                 self.bits,
                 self.out_features,
                 self.in_features,
