@@ -15,7 +15,8 @@ unchanged. It is not exact against the fp32 dequantization (bf16 has an 8-bit si
 docs/guides/peqa.md ("bf16 decode"). That is why it is used only for bf16 activations, never for fp32 or fp16.
 
 When it is used (:func:`int4_group_size` and :func:`applies`; otherwise today's kernels run, unchanged):
-``bits == 4``; the layer in eval mode (``module.eval()``); no gradient needed (``torch.no_grad()`` /
+``bits == 4``; at most :data:`MAX_ROWS` tokens per call (decode; prefill keeps today's kernels); the layer in eval
+mode (``module.eval()``); no gradient needed (``torch.no_grad()`` /
 ``torch.inference_mode()``, or nothing that requires grad); bf16 activations (or bf16 autocast); a group size the
 kernel has (32/64/128/256; a per-channel layer counts as one group of ``in_features`` when that is one of them);
 on CPU ``out_features % 16 == 0``, on CUDA ``out_features % 8 == 0`` and ``in_features % 128 == 0``; and the switch
@@ -35,6 +36,10 @@ import torch
 from . import kernels
 
 GROUP_SIZES = (32, 64, 128, 256)
+# Rows (tokens) per call up to which the int4 kernel runs. It is a decode kernel: on the 2-core AMX CPU here it beat
+# peqa_peft's kernels 3-8x at 1-48 rows of a 2048 x 2048 layer and lost 2.6-3x at 64-256 rows (prefill), where
+# dequantizing blocks and running the bf16 GEMM wins (benchmarks/bf16_decode.py --rows-sweep).
+MAX_ROWS = 48
 _ENV_VAR = "PEQA_INT4_MATMUL"
 # CUDA tinygemm: k-tiles of 16 packed 8 at a time (the fastest layout; torchao's default inner_k_tiles), n-tiles of 8.
 _CUDA_INNER_K_TILES = 8
@@ -85,7 +90,9 @@ def applies(module, x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor, ze
         return False
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero_point.requires_grad):
         return False
-    if x.numel() == 0 or x.device != module.qweight.device or module.qweight.is_meta:
+    if x.numel() == 0 or x.numel() > MAX_ROWS * module.in_features or x.device != module.qweight.device:
+        return False
+    if module.qweight.is_meta:
         return False
     group = int4_group_size(module.bits, module.out_features, module.in_features, scale.shape[1], x.device)
     return group is not None
