@@ -163,6 +163,8 @@ def test_inference_mode_and_autocast_take_the_int4_path():
         y = layer(x.to(BF16))
     assert _uses_int4(layer)
     _assert_bf16_close(y, _reference(layer, x), x, layer)
+    with torch.no_grad():  # the cache built under inference_mode serves ordinary no_grad calls too
+        torch.testing.assert_close(layer(x.to(BF16)), y, rtol=0, atol=0)
     layer.release_int4_cache()
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
         y = layer(x)
