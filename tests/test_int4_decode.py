@@ -234,3 +234,12 @@ def test_fallback_train_mode_grad_switch_and_reference_mode():
         _fallback(layer, x)
     with pytest.raises(TypeError, match="bool"):
         int4mm.set_enabled(1)
+
+
+def test_qparams_callable_needs_sources_and_excludes_scales():
+    layer = _layer()
+    x = torch.randn(1, layer.in_features, dtype=BF16)
+    with pytest.raises(ValueError, match="qparams_sources"):
+        layer(x, qparams=lambda: (layer.scale, layer.zero_point))
+    with pytest.raises(ValueError, match="qparams_sources"):
+        layer(x, scale=layer.scale, qparams=lambda: (layer.scale, layer.zero_point), qparams_sources=(layer.scale,))

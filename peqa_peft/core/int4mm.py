@@ -29,6 +29,7 @@ off at import); ``PEQA_KERNELS=reference`` turns it off as well, so the referenc
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -84,17 +85,20 @@ def int4_group_size(bits: int, out_features: int, in_features: int, n_groups: in
     return None
 
 
-def applies(module, x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor, zero_point: torch.Tensor) -> bool:
-    """Whether ``module`` (a QuantLinear) computes ``x`` (in compute ``dtype``) with the int4 kernel."""
+def applies(module, x: torch.Tensor, dtype: torch.dtype, qparams_sources: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``module`` (a QuantLinear) computes ``x`` (in compute ``dtype``) with the int4 kernel.
+
+    ``qparams_sources``: the tensors its scale and zero-point come from (a gradient is needed if one requires it).
+    """
     if dtype != torch.bfloat16 or module.training or module.bits != 4 or not enabled():
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero_point.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in qparams_sources)):
         return False
     if x.numel() == 0 or x.numel() > MAX_ROWS * module.in_features or x.device != module.qweight.device:
         return False
     if module.qweight.is_meta:
         return False
-    group = int4_group_size(module.bits, module.out_features, module.in_features, scale.shape[1], x.device)
+    group = int4_group_size(module.bits, module.out_features, module.in_features, module.scale.shape[1], x.device)
     return group is not None
 
 
@@ -170,14 +174,12 @@ class Int4Cache:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.scale_and_zero) if t is not None)
 
 
-def linear(
-    module,
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    qparams_sources: Optional[tuple[torch.Tensor, ...]],
-) -> torch.Tensor:
-    """``x @ (s * (q - z0))^T + bias`` in bf16 for a QuantLinear for which :func:`applies` holds."""
+def linear(module, x: torch.Tensor, qparams: Callable, qparams_sources: tuple, trackable: bool) -> torch.Tensor:
+    """``x @ (s * (q - z0))^T + bias`` in bf16 for a QuantLinear for which :func:`applies` holds.
+
+    ``qparams()`` returns ``(s, z0)``; it is called only when the cached folded pairs are not current for
+    ``qparams_sources`` (``trackable`` False: they never are, refold every call).
+    """
     from .functional import unpack_codes
 
     cache = module.__dict__.get("_int4_cache")
@@ -188,10 +190,10 @@ def linear(
         codes = unpack_codes(module.qweight, module.bits, module.out_features, module.in_features)
         cache.weight, cache.weight_key = pack_weight(codes), weight_key
         cache.scale_and_zero = cache.qparams_key = None
-    qparams_key = None if qparams_sources is None else _versioned(qparams_sources)
+    qparams_key = _versioned(qparams_sources) if trackable else None
     if cache.scale_and_zero is None or not _same(cache.qparams_key, qparams_key):
-        cache.scale_and_zero, cache.qparams_key = fold_qparams(scale, zero_point), qparams_key
-    group = module.in_features // scale.shape[1]
+        cache.scale_and_zero, cache.qparams_key = fold_qparams(*qparams()), qparams_key
+    group = module.in_features // module.scale.shape[1]
     x2 = x.reshape(-1, module.in_features).to(torch.bfloat16).contiguous()
     out = matmul(x2, cache.weight, group, cache.scale_and_zero)
     if module.bias is not None:

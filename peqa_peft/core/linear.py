@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -155,21 +156,30 @@ class QuantLinear(nn.Module):
         scale: Optional[torch.Tensor] = None,
         zero_point: Optional[torch.Tensor] = None,
         qparams_sources: Optional[tuple[torch.Tensor, ...]] = None,
+        qparams: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = None,
     ) -> torch.Tensor:
         """``x @ (s * (q - z))^T + bias`` with ``s``/``z`` the given ones or the layer's own ``s0``/``z0``.
 
-        ``qparams_sources``: the tensors ``scale`` and ``zero_point`` were computed from (PEQA passes ``s0``, ``z0``
-        and the active deltas), so that the int4 path may reuse its folded scales until one of them changes; without
-        it, given scales are refolded at every int4 call. The layer's own scales are their own sources.
+        ``qparams`` (instead of ``scale``/``zero_point``): a function returning them, called only when they are
+        needed; it requires ``qparams_sources``, the tensors they are computed from (PEQA passes ``s0``, ``z0`` and
+        the active deltas), so that the int4 path may keep its folded scales, without calling ``qparams``, until one
+        of them is replaced or modified in place. Scales given directly are refolded at every int4 call.
         """
         dtype = _compute_dtype(x)
-        if scale is None and zero_point is None:
-            qparams_sources = (self.scale, self.zero_point)
-        scale = self.scale if scale is None else scale
-        zero_point = self.zero_point if zero_point is None else zero_point
+        if qparams is not None:
+            if scale is not None or zero_point is not None or qparams_sources is None:
+                raise ValueError("QuantLinear: pass qparams with qparams_sources, and without scale/zero_point")
+            sources, trackable = qparams_sources, True
+        else:
+            trackable = scale is None and zero_point is None  # the layer's own buffers: their own sources
+            scale = self.scale if scale is None else scale
+            zero_point = self.zero_point if zero_point is None else zero_point
+            sources = (scale, zero_point)
+            qparams = lambda: (scale, zero_point)  # noqa: E731
         # The one dispatch point between PyTorch's int4 kernel and peqa_peft's own kernels (packed_linear).
-        if int4mm.applies(self, x, dtype, scale, zero_point):
-            return int4mm.linear(self, x, scale, zero_point, qparams_sources)
+        if int4mm.applies(self, x, dtype, sources):
+            return int4mm.linear(self, x, qparams, sources, trackable)
+        scale, zero_point = qparams()
         with torch.autocast(x.device.type, enabled=False):
             return packed_linear(
                 x.to(dtype),

@@ -154,8 +154,9 @@ class Linear(nn.Module, PeqaLayer):
             return base(x)
         if self.merged:
             return base(x)
-        scale, zero = self.merged_qparams()
-        return base(x, scale=scale, zero_point=zero, qparams_sources=self.qparams_sources())
+        # merged_qparams (s0 + Δs, a few small ops) only runs when the base needs it: not while the int4 path's
+        # folded scales are current for these sources.
+        return base(x, qparams_sources=self.qparams_sources(), qparams=self.merged_qparams)
 
     def qparams_sources(self) -> tuple[torch.Tensor, ...]:
         """The tensors :meth:`merged_qparams` is computed from now (``s0``, ``z0``, the active adapters' deltas).
