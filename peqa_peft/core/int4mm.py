@@ -37,10 +37,11 @@ import torch
 from . import kernels
 
 GROUP_SIZES = (32, 64, 128, 256)
-# Rows (tokens) per call up to which the int4 kernel runs. It is a decode kernel: on the 2-core AMX CPU here it beat
-# peqa_peft's kernels 3-8x at 1-48 rows of a 2048 x 2048 layer and lost 2.6-3x at 64-256 rows (prefill), where
-# dequantizing blocks and running the bf16 GEMM wins (benchmarks/bf16_decode.py --rows-sweep).
-MAX_ROWS = 48
+# Rows (tokens) per call up to which the int4 kernel runs. It is a decode kernel: on the shared 2-core AMX CPU here
+# it beat peqa_peft's kernels 2-25x at 1-32 rows of a 2048 x 2048 layer, was even with them around 48 rows and lost
+# up to 2.5x at 64-128 rows (prefill), where dequantizing blocks and running the bf16 GEMM wins
+# (benchmarks/bf16_decode.py --rows-sweep, results in benchmarks/results/bf16-decode).
+MAX_ROWS = 32
 _ENV_VAR = "PEQA_INT4_MATMUL"
 # CUDA tinygemm: k-tiles of 16 packed 8 at a time (the fastest layout; torchao's default inner_k_tiles), n-tiles of 8.
 _CUDA_INNER_K_TILES = 8
