@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Optional
 
 import torch
 from torch import nn
 
+from . import int4mm
 from .functional import dequantize_packed, packed_linear
 from .packing import pack_bits, packed_numel
 from .quantizer import QuantMethod, compute_qparams, num_groups, quantize, validate_bits, validate_group_size
@@ -52,6 +54,10 @@ class QuantLinear(nn.Module):
 
     ``forward(x)`` computes ``x @ (s0 * (q - z0))^T + bias`` in the activation dtype; PEQA adapters call it with
     tuned scales instead (``forward(x, scale=s0 + delta_s)``). No floating point copy of the weight is kept.
+
+    In eval mode, without autograd, a 4-bit layer with bf16 activations runs PyTorch's int4 weight-packed matmul
+    instead (:mod:`peqa_peft.core.int4mm`); it caches the kernel's copy of the codes (0.5 byte per weight) until
+    ``train()``, ``.to()`` or :meth:`release_int4_cache`.
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self._int4_cache = int4mm.Int4Cache()
 
     @classmethod
     @torch.no_grad()
@@ -124,6 +131,7 @@ class QuantLinear(nn.Module):
         # and z0 integer (as bitsandbytes keeps its quant state), so the grid, and the fingerprint of every adapter
         # trained on it, survive any cast of the model. Only the bias follows the model's dtype.
         kept = {name: getattr(self, name) for name in ("scale", "zero_point")}
+        self.release_int4_cache()  # the kernel's copy is device-specific: rebuilt from the moved codes when needed
         super()._apply(fn, recurse)
         for name, tensor in kept.items():
             moved = getattr(self, name)
@@ -135,16 +143,57 @@ class QuantLinear(nn.Module):
     def n_groups(self) -> int:
         return self.scale.shape[1]
 
+    def train(self, mode: bool = True) -> QuantLinear:
+        # The int4 kernel's copy of the codes only serves eval-mode inference: training never carries it.
+        if mode:
+            self.release_int4_cache()
+        return super().train(mode)
+
+    def release_int4_cache(self) -> None:
+        """Free the int4 kernel's packed weight and folded scales (rebuilt by the next eligible forward)."""
+        self._int4_cache = int4mm.Int4Cache()
+
+    def int4_cache_bytes(self) -> int:
+        """Bytes held by the int4 kernel's cache (0 unless an eval-mode bf16 forward built it)."""
+        cache = self.__dict__.get("_int4_cache")
+        return 0 if cache is None else cache.nbytes()
+
     def forward(
-        self, x: torch.Tensor, scale: Optional[torch.Tensor] = None, zero_point: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        scale: Optional[torch.Tensor] = None,
+        zero_point: Optional[torch.Tensor] = None,
+        qparams_sources: Optional[tuple[torch.Tensor, ...]] = None,
+        qparams: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = None,
     ) -> torch.Tensor:
+        """``x @ (s * (q - z))^T + bias`` with ``s``/``z`` the given ones or the layer's own ``s0``/``z0``.
+
+        ``qparams`` (instead of ``scale``/``zero_point``): a function returning them, called only when they are
+        needed; it requires ``qparams_sources``, the tensors they are computed from (PEQA passes ``s0``, ``z0`` and
+        the active deltas), so that the int4 path may keep its folded scales, without calling ``qparams``, until one
+        of them is replaced or modified in place. Scales given directly are refolded at every int4 call.
+        """
         dtype = _compute_dtype(x)
+        if qparams is not None:
+            if scale is not None or zero_point is not None or qparams_sources is None:
+                raise ValueError("QuantLinear: pass qparams with qparams_sources, and without scale/zero_point")
+            sources, trackable = qparams_sources, True
+        else:
+            trackable = scale is None and zero_point is None  # the layer's own buffers: their own sources
+            scale = self.scale if scale is None else scale
+            zero_point = self.zero_point if zero_point is None else zero_point
+            sources = (scale, zero_point)
+            qparams = lambda: (scale, zero_point)  # noqa: E731
+        # The one dispatch point between PyTorch's int4 kernel and peqa_peft's own kernels (packed_linear).
+        if int4mm.applies(self, x, dtype, sources):
+            return int4mm.linear(self, x, qparams, sources, trackable)
+        scale, zero_point = qparams()
         with torch.autocast(x.device.type, enabled=False):
             return packed_linear(
                 x.to(dtype),
                 self.qweight,
-                self.scale if scale is None else scale,
-                self.zero_point if zero_point is None else zero_point,
+                scale,
+                zero_point,
                 self.bits,
                 self.out_features,
                 self.in_features,
