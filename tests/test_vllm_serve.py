@@ -39,7 +39,11 @@ VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 SMOL = "smollm2-135m"
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 NEW_TOKENS = 16
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+ALL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# fp16 is the run that catches a consumer dropping the tuned deltas (see the end of the vLLM test); each dtype costs
+# one more vLLM engine start (~30-100 s on 2 cores), so the suite serves fp16 and bf16 is opt-in:
+# PEQA_PEFT_VLLM_DTYPES=float16,bfloat16 (both measured when this test was written; docs/guides/export.md)
+DTYPES = {name: ALL_DTYPES[name] for name in os.environ.get("PEQA_PEFT_VLLM_DTYPES", "float16").split(",")}
 
 
 @pytest.fixture(scope="module")
