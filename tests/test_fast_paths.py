@@ -214,15 +214,16 @@ def test_compiled_kernels_leave_dynamos_recompile_limit_alone(monkeypatch):
     monkeypatch.setattr(kernels, "_compiled", {})
     monkeypatch.setattr(kernels, "_compiled_signatures", set())
     monkeypatch.setattr(kernels.torch, "compile", fake_compile)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     packed, scale, zero, bias = _case(4, None)
     x = torch.randn(3, IN_F)
-    with kernels.kernels("compiled"):
+    # config.patch, not monkeypatch: monkeypatch's undo leaves dynamo's config module without the key (later
+    # torch.compile calls then fail with "recompile_limit does not exist")
+    with torch._dynamo.config.patch(recompile_limit=8), kernels.kernels("compiled"):
         first = packed_linear(x, packed, scale, zero, 4, OUT_F, IN_F, bias)
         again = packed_linear(x, packed, scale, zero, 4, OUT_F, IN_F, bias)
+        assert torch._dynamo.config.recompile_limit == 8
     with kernels.kernels("reference"):
         ref = packed_linear(x, packed, scale, zero, 4, OUT_F, IN_F, bias)
-    assert torch._dynamo.config.recompile_limit == 8
     assert seen[0] == kernels._RECOMPILE_LIMIT  # the first call with a signature may compile: raised for it
     assert seen[-1] == 8  # a repeated signature has its graph: the user's setting
     torch.testing.assert_close(first, ref, rtol=1e-4, atol=1e-5)

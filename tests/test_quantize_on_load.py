@@ -93,8 +93,10 @@ def test_save_and_reload_quantized_base_and_merged_model_in_fresh_process(tmp_pa
             out = base(ref["ids"]).logits
         assert torch.equal(out, ref["base"]), (out - ref["base"]).abs().max()
         # a merged model is a standard checkpoint: compressed-tensors, read by transformers' own loader
-        merged = AutoModelForCausalLM.from_pretrained({str(tmp_path / "merged")!r})
-        assert merged.config.quantization_config.quant_method == "compressed-tensors"
+        import json, pathlib
+        config = json.loads(pathlib.Path({str(tmp_path / "merged" / "config.json")!r}).read_text())
+        assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+        merged = AutoModelForCausalLM.from_pretrained({str(tmp_path / "merged")!r})  # decompressed (canonical layout)
         with torch.no_grad():
             out = merged(ref["ids"]).logits
         torch.testing.assert_close(out, ref["merged"], rtol=1e-5, atol=5e-5)

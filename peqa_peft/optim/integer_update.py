@@ -19,6 +19,7 @@ given direction.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Optional
@@ -187,9 +188,16 @@ def _compiled() -> Callable:
         # dynamic=True: one compiled kernel serves every chunk shape (a Llama has ~6); grad dtypes and momentum formats
         # add a few more (Dynamo's recompile limit, 8, is raised as peqa_peft's other kernels do).
         _compiled_rows.append(torch.compile(_lion_rows, dynamic=True, fullgraph=True))
-        dynamo_config = torch._dynamo.config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     return _compiled_rows[0]
+
+
+def _recompile_scope(path: str):
+    """Dynamo's per-function recompile limit (8) raised to 64 around one compiled update call only (grad dtypes and
+    momentum formats add graphs), never for the whole process: a user's own ``torch.compile`` keeps its setting."""
+    if path != "compiled":
+        return contextlib.nullcontext()
+    config = torch._dynamo.config
+    return config.patch(recompile_limit=max(config.recompile_limit, 64))
 
 
 def update_kernel(kernel: str, numel: int) -> str:
@@ -249,7 +257,8 @@ def lion_momentum_update_(
         args = (weight.codes[r0:r1], weight.scale[r0:r1], weight.zero_point[r0:r1], g, g_scale, m, m_absmax, mask,
                 hp, key_t, row0)  # fmt: skip
         try:
-            out = run(*args)
+            with _recompile_scope(path):
+                out = run(*args)
         except Exception as exc:  # compiling failed (no C++ compiler, unsupported device): same math, uncompiled
             if run is _lion_rows or kernel == "compiled":  # asked for explicitly: no silent fallback
                 raise
