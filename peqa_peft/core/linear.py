@@ -11,8 +11,9 @@ from torch import nn
 
 from . import int4mm
 from .functional import dequantize_packed, packed_linear
+from .memory import tensor_bytes
 from .packing import pack_bits, packed_numel
-from .quantizer import QuantMethod, compute_qparams, num_groups, quantize, validate_bits, validate_group_size
+from .quantizer import QuantMethod, num_groups, quantize_weight, validate_bits, validate_group_size
 
 # Layer types that store their weight as (in_features, out_features), e.g. transformers' Conv1D. They are registered
 # from above (peqa_peft.integrations.transformers registers Conv1D), so the core imports no transformers.
@@ -112,8 +113,7 @@ class QuantLinear(nn.Module):
         out_features, in_features = weight.shape
         bias = getattr(module, "bias", None)
         new = cls(in_features, out_features, bits, group_size, bias=bias is not None, device=torch.device("meta"))
-        scale, zero = compute_qparams(weight, bits, group_size, method, grid=grid, max_shrink=max_shrink)
-        codes = quantize(weight, scale, zero, bits, group_size)
+        codes, scale, zero = quantize_weight(weight, bits, group_size, method, grid=grid, max_shrink=max_shrink)
         new.qweight = pack_bits(codes, bits)
         new.scale, new.zero_point = scale, zero.to(torch.uint8)
         new.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -235,11 +235,9 @@ class QuantLinear(nn.Module):
 
     def memory_bytes(self) -> dict[str, int]:
         """Resident bytes of this layer's tensors: packed codes, scales + zero-points, bias."""
-        qparams = (
-            self.scale.numel() * self.scale.element_size() + self.zero_point.numel() * self.zero_point.element_size()
-        )
-        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
-        return {"codes": self.qweight.numel() * self.qweight.element_size(), "qparams": qparams, "bias": bias}
+        qparams = tensor_bytes(self.scale) + tensor_bytes(self.zero_point)
+        bias = 0 if self.bias is None else tensor_bytes(self.bias)
+        return {"codes": tensor_bytes(self.qweight), "qparams": qparams, "bias": bias}
 
     def extra_repr(self) -> str:
         return (
