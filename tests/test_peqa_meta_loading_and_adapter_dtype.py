@@ -109,3 +109,15 @@ def test_a_weight_changed_in_memory_is_not_replaced_by_the_stored_one(tmp_path):
     with torch.no_grad():
         q_proj.weight[0, 0] += 1
     assert stored.weight_for("model.layers.0.self_attn.q_proj", q_proj) is None
+
+
+def test_a_checkpoint_stored_in_16_bits_is_not_read_back(tmp_path):
+    """Stored bf16 is no more precise than the loaded bf16: the header's dtype says so, the tensor is not read."""
+    from transformers import AutoModelForCausalLM
+
+    from peqa_peft.integrations.transformers.stored_weights import StoredWeights
+
+    AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    q_proj = bf16.model.layers[0].self_attn.q_proj
+    assert StoredWeights(bf16).weight_for("model.layers.0.self_attn.q_proj", q_proj) is None

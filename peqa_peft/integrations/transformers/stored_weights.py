@@ -24,6 +24,7 @@ from ...core.linear import is_transposed_linear
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+PRECISE_DTYPES = ("F32", "F64")  # safetensors header names of the dtypes more precise than a 16-bit loaded weight
 
 
 def _local_files(name_or_path: str) -> list[Path]:
@@ -108,11 +109,13 @@ class StoredWeights:
             return None
         from safetensors import safe_open
 
-        with safe_open(str(index[name]), framework="pt") as handle:
-            stored = handle.get_tensor(name)
         loaded = module.weight
-        precise = stored.is_floating_point() and stored.element_size() > loaded.element_size()
-        if not precise or stored.shape != loaded.shape or not torch.equal(stored.to(loaded.dtype), loaded.cpu()):
+        with safe_open(str(index[name]), framework="pt") as handle:
+            # the header's dtype first: a checkpoint stored in 16 bits (most on the Hub) is never read
+            if handle.get_slice(name).get_dtype() not in PRECISE_DTYPES:
+                return None
+            stored = handle.get_tensor(name)
+        if stored.shape != loaded.shape or not torch.equal(stored.to(loaded.dtype), loaded.cpu()):
             return None
         self.used += 1
         return stored.to(loaded.device)
