@@ -16,12 +16,13 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llama_cpp_score import open_llama  # noqa: E402,F401  (torch-free, shared with the llama.cpp-only worker)
 
 from peqa_peft.integrations.formats import export_adapter  # noqa: E402
 from peqa_peft.workflows.evaluate import load_eval_text  # noqa: E402
@@ -84,31 +85,6 @@ def dense_check(model, ids: list[int]) -> float:
     with dense_forward(model):
         dense = model(ids_t).logits
     return (ours - dense).abs().max().item()
-
-
-def open_llama(path: Path, **kwargs):
-    """``llama_cpp.Llama(path, **kwargs)``, without llama.cpp's AMX weight repacking on CPUs that have AMX.
-
-    On AMX machines (Intel Sapphire Rapids and later) llama.cpp repacks Q4_0/Q4_1/Q8_0 weights into an AMX buffer
-    whose matmul segfaults or returns garbage on some models (ggml-org/llama.cpp#20824, #16315; it crashes on the
-    demo model's Q4_1 export with llama-cpp-python 0.3.36). The model parameter ``use_extra_bufts=False``
-    keeps the weights in the plain CPU buffer; llama-cpp-python has no argument for it, so the default model
-    parameters are patched while the model loads. Elsewhere the defaults (and their repacking) are kept.
-    """
-    import llama_cpp
-
-    patch = contextlib.nullcontext()
-    if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
-        defaults = llama_cpp.llama_model_default_params
-
-        def no_repack():
-            params = defaults()
-            params.use_extra_bufts = False
-            return params
-
-        patch = mock.patch.object(llama_cpp.llama.llama_cpp, "llama_model_default_params", no_repack)
-    with patch:
-        return llama_cpp.Llama(str(path), verbose=False, **kwargs)
 
 
 def llama_cpp_nll(path: Path, windows: list[list[int]], seq_len: int) -> float:
