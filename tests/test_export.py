@@ -511,6 +511,39 @@ def test_export_reloads_as_the_same_peqa_base_with_dequantize_false(tmp_path, de
         assert torch.equal(again.layers[name].scale, layer.scale), name  # s0 + the merged deltas, fp32
 
 
+def test_dequantized_export_is_tuned_in_its_own_codes(tmp_path, demo_tokenizer):
+    """A plain ``from_pretrained`` of the default export is dense (``"dequantize": true``); PEQA still adopts the
+    checkpoint's codes and scales, read from the files it was loaded from, instead of re-quantizing them. A weight
+    changed after loading is refused; a config asking for another grid re-quantizes, with a warning."""
+    from transformers import AutoModelForCausalLM
+
+    model = tuned(tiny_llama(vocab_size=4096), bits=4, group_size=32)
+    export(model, tmp_path / "ct", format="compressed-tensors", tokenizer=demo_tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    assert type(base.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # dense: nothing quantized in memory
+    again = collect(get_peft_model(base, PeqaConfig(task_type="CAUSAL_LM")))  # defaults: 4 bits, "auto"
+    half = collect(
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.bfloat16), PeqaConfig())
+    )
+    for name, layer in collect(model).layers.items():
+        assert torch.equal(again.layers[name].codes, layer.codes), name
+        assert torch.equal(again.layers[name].scale, layer.scale), name
+        # a bf16 load: the same codes, and the checkpoint's fp32 scales rather than their bf16 rounding
+        assert torch.equal(half.layers[name].codes, layer.codes), name
+        assert torch.equal(half.layers[name].scale, layer.scale), name
+
+    edited = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    with torch.no_grad():
+        edited.model.layers[1].mlp.up_proj.weight[0, :4] += 0.37
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.*not on its stored grid"):
+        get_peft_model(edited, PeqaConfig(task_type="CAUSAL_LM"))
+
+    other = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    with pytest.warns(UserWarning, match=r"loaded dequantized .*bits=4, group_size=32.*re-quantized"):
+        requantized = collect(get_peft_model(other, PeqaConfig(bits=3, task_type="CAUSAL_LM")))
+    assert {layer.bits for layer in requantized.layers.values()} == {3}
+
+
 def test_v1_gptq_refuses_a_zero_point_of_zero(tmp_path, demo_tokenizer):
     model = tuned(tiny_llama(vocab_size=4096), bits=2, group_size=32)
     layer = next(iter(collect(model).layers.values()))

@@ -104,6 +104,13 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
         is reused.
         """
         targets = self._find_targets(model, config)
+        # layers transformers decompressed from a compressed-tensors checkpoint keep the checkpoint's codes
+        adopted = backends.compressed_tensors.dequantized_targets(model, targets, config)
+        if adopted:
+            logger.info(
+                "PEQA: %d dequantized layer(s) adopted in their checkpoint's compressed-tensors codes", len(adopted)
+            )
+        targets.update(adopted)
         backends.resolve_group_size(config, targets)
         for key, module in targets.items():
             if not isinstance(module, PeqaLayer):

@@ -228,11 +228,13 @@ def _signed_codes(module: nn.Module, scale: torch.Tensor, zp: torch.Tensor) -> t
         return unpack_from_int32(module.weight_packed, bits, shape).to(torch.int16)
     if storage == "int":
         return module.weight.to(torch.int16)
-    # Already decompressed (a forward pass ran): W = s * (q - zp) exactly, so q = round(W / s) + zp.
+    # Already decompressed (a forward pass ran, or transformers loaded it dense): W = s * (q - zp) rounded to the
+    # weight's dtype, so q = round(W / s) + zp, and the grid must reproduce W up to that dtype's rounding.
     groups = scale.shape[1]
     w = module.weight.float().reshape(shape[0], groups, -1)
     q = torch.round(w / scale.float().unsqueeze(-1)) + zp.float().unsqueeze(-1)
-    if not torch.allclose((q - zp.unsqueeze(-1)) * scale.float().unsqueeze(-1), w, rtol=1e-3, atol=1e-6):
+    rtol = max(1e-3, 2 * torch.finfo(module.weight.dtype).eps)
+    if not torch.allclose((q - zp.unsqueeze(-1)) * scale.float().unsqueeze(-1), w, rtol=rtol, atol=1e-6):
         raise ValueError("the decompressed weight is not on its stored grid (was it modified?)")
     return q.reshape(shape).to(torch.int16)
 

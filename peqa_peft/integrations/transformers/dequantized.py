@@ -1,0 +1,123 @@
+"""Layers of a compressed-tensors checkpoint that transformers loaded *dequantized*, with their stored grid attached.
+
+A compressed-tensors checkpoint loads dense when its ``quantization_config`` says ``"dequantize": true`` (PEQA's own
+exports do, so that plain transformers reads them) or with ``CompressedTensorsConfig(dequantize=True)``: transformers
+decompresses every layer to ``W = s * (q - zp)`` in the model's dtype and drops the quantization config, so the model
+looks like a float model. PEQA re-quantizing those weights with its own grid would add a second rounding to a model
+whose exact grid sits in the files it was loaded from.
+
+:func:`dequantized_views` finds, for each float target layer, the checkpoint's scheme (its ``config.json``) and the
+stored ``weight_scale`` / ``weight_zero_point`` (only those tensors are read, memory-mapped), and returns a *view* of
+the layer -- a module sharing its weight and bias that carries them -- which the compressed-tensors reader adopts
+through its decompressed-layer path: ``q = round(W / s) + zp``, checked to reproduce the loaded weight, so a weight
+changed after loading is refused, never adopted onto a grid it is not on. The model itself is not modified.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..formats.compressed_tensors.reader import _RECORD
+from .stored_weights import _local_files
+
+GRID_TENSORS = ("weight_scale", "weight_zero_point")
+QUANT_METHOD = "compressed-tensors"
+
+
+def _checkpoint(model: nn.Module) -> tuple[list[Path], Optional[dict]]:
+    """The safetensors files ``model`` was loaded from and their ``config.json``'s compressed-tensors config."""
+    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    files = _local_files(str(name or ""))
+    if not files or not (files[0].parent / "config.json").is_file():
+        return files, None
+    qconfig = json.loads((files[0].parent / "config.json").read_text()).get("quantization_config")
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
+        return files, None
+    return files, qconfig
+
+
+def _schemes(model: nn.Module, qconfig: dict, keys) -> dict:
+    """Module name -> its compressed-tensors ``QuantizationScheme`` (the config groups' targets minus ``ignore``)."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import match_named_modules
+
+    parsed = QuantizationConfig.model_validate(qconfig)
+    schemes = {}
+    for scheme in parsed.config_groups.values():
+        for name, _ in match_named_modules(model, scheme.targets, parsed.ignore):
+            if name in keys:
+                schemes.setdefault(name, scheme)
+    return schemes
+
+
+def _stored_names(model: nn.Module, key: str, index: dict) -> Optional[str]:
+    """The checkpoint's module name for ``key`` (as it is, or without/with the base model's prefix)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    candidates = [key]
+    if prefix and key.startswith(prefix + "."):
+        candidates.append(key[len(prefix) + 1 :])
+    elif prefix:
+        candidates.append(f"{prefix}.{key}")
+    return next((c for c in candidates if f"{c}.weight_scale" in index), None)
+
+
+def _view(module: nn.Module, scheme, tensors: dict[str, torch.Tensor], record) -> nn.Module:
+    """A linear module sharing ``module``'s weight and bias, carrying the scheme and the stored grid tensors."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    view = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+    view.weight, view.bias = module.weight, module.bias
+    view.quantization_scheme = scheme
+    scale = tensors["weight_scale"].to(module.weight.device)
+    view.weight_scale = scale
+    zp = tensors.get("weight_zero_point")
+    if zp is not None:
+        if zp.dtype == torch.int32 and zp.dim() == 2 and zp.shape[0] != module.out_features:  # packed along outputs
+            zp = unpack_from_int32(zp, scheme.weights.num_bits, torch.Size(scale.shape), packed_dim=0)
+        view.weight_zero_point = zp.to(module.weight.device)
+    setattr(view, _RECORD, record)  # which tensors the file stores: the reader checks them against the scheme
+    return view
+
+
+@torch.no_grad()
+def dequantized_views(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Views of the float ``targets`` whose checkpoint stores them as compressed-tensors integers (see the module
+    docstring); empty for any other model. Keys are the target names, values modules the reader adopts."""
+    from safetensors import safe_open
+
+    floats = {
+        k: m
+        for k, m in targets.items()
+        if type(m) is nn.Linear and not hasattr(m, "quantization_scheme") and m.weight.is_floating_point()
+    }
+    if not floats or any(m.weight.is_meta for m in floats.values()):
+        return {}
+    files, qconfig = _checkpoint(model)
+    if qconfig is None:
+        return {}
+    schemes = _schemes(model, qconfig, floats)
+    index = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            index.update(dict.fromkeys(handle.keys(), file))
+    views = {}
+    for key, scheme in schemes.items():
+        stored = _stored_names(model, key, index)
+        if stored is None or scheme.weights is None:
+            continue
+        names = [n for n in GRID_TENSORS if f"{stored}.{n}" in index]
+        tensors = {}
+        for name in names:
+            with safe_open(str(index[f"{stored}.{name}"]), framework="pt") as handle:
+                tensors[name] = handle.get_tensor(f"{stored}.{name}")
+        record = (str(index[f"{stored}.weight_scale"]), frozenset(names))
+        views[key] = _view(floats[key], scheme, tensors, record)
+    return views
+
+
+__all__ = ["dequantized_views"]
