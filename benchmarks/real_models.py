@@ -17,11 +17,14 @@ Init sweep (``--configs``, ids ``<bits>-<group>-<init>``, shell-style patterns a
 bits 4/3/2 x group ``ch`` (per output channel) / ``g128`` / ``g64`` / ``g32`` x init ``rtn`` (PEQA's
 ``init_method="minmax"``), ``mse`` (``"mse"``, the clipping search) or ``gptq`` (GPTQ, implemented here: Hessians of
 every linear layer's inputs from one pass of the float model over ``--calib-windows`` x ``--seq-len`` tokens of
-WikiText-2 *validation* (never the test split), then the GPTQ column-by-column solve with 1% dampening and a
-min-max grid per group found on the error-updated weights; its codes/scales/zero-points are written into PEQA's
-quantized base). A group size that does not divide a layer's ``in_features`` (SmolLM2's 576-wide inputs at g128)
-uses the largest divisor of ``in_features`` below it that is a multiple of 32 (stated in the results as
-``group_fallback``).
+WikiText-2 *validation* (never the test split), each window's first token (the attention sink) weighted
+``--gptq-sink-weight`` (16; plain GPTQ: 1, see :func:`collect_hessians`), then the GPTQ column-by-column solve with
+1% dampening and a min-max grid per group found on the error-updated weights; its codes/scales/zero-points are
+written into PEQA's quantized base). ``--adopt DIR ...`` adds untuned rows ``adopt-<dir>``: compressed-tensors
+checkpoints of the fp32 model written by llm-compressor (scripts/make_quantized_checkpoints.py, its own venv),
+adopted by PEQA in their own codes. A group size that does not divide a layer's ``in_features`` (SmolLM2's
+576-wide inputs at g128) uses the largest divisor of ``in_features`` below it that is a multiple of 32 (stated in
+the results as ``group_fallback``).
 
 Tuning rows (``--rows``): the issue's fixed budget, ``--steps`` (30) Alpaca SFT steps, batch 4 x 256 tokens, the
 CLI's defaults otherwise (``peqa_peft.workflows.train``'s TrainConfig/SFTTrainer, same seed and data order for every
@@ -139,17 +142,24 @@ def fallback_note(fp_model, group: str, fallback: dict[str, int]) -> str:
 
 # ------------------------------------------------------------------------------------------------------------- GPTQ
 @torch.no_grad()
-def collect_hessians(fp_model, calib_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``H = 2/n * sum x x^T`` of every targeted linear layer's inputs over the calibration windows (float model)."""
+def collect_hessians(fp_model, calib_ids: torch.Tensor, sink_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """``H = 2/n * sum_t w_t x_t x_t^T`` of every targeted linear layer's inputs over the calibration windows (float
+    model), each window's first token weighted ``sink_weight`` and every other token 1.
+
+    Why the weight: every window's first token is the attention sink of the layers above. Plain GPTQ (weight 1)
+    counts it once per window, so its error is traded away for the others', and SmolLM2's perplexity got *worse*
+    than RTN's although every layer's output error on held-out tokens was lower (docs/guides/real-models.md)."""
     names = linear_names(fp_model)
     hessians = {n: torch.zeros(w, w) for n, w in names.items()}
-    counts = dict.fromkeys(names, 0)
+    counts = dict.fromkeys(names, 0.0)
+    weights = torch.ones(calib_ids.shape[1])
+    weights[0] = sink_weight
     hooks = []
     for name in names:
 
         def hook(module, args, _out, name=name):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            n_old, n_new = counts[name], counts[name] + x.shape[0]
+            x = args[0].reshape(-1, args[0].shape[-1]).float() * weights.sqrt()[:, None]
+            n_old, n_new = counts[name], counts[name] + weights.sum().item()
             hessians[name].mul_(n_old / n_new).addmm_(x.t(), x, alpha=2.0 / n_new)
             counts[name] = n_new
 
@@ -347,6 +357,25 @@ def adopted_gguf(args):
     return load_gguf(gguf_path(args.model)).eval(), {"source": gguf_path(args.model).name}
 
 
+def adopted_checkpoint(directory: Path):
+    """A compressed-tensors checkpoint (e.g. llm-compressor's GPTQ of the fp32 model, written by
+    scripts/make_quantized_checkpoints.py in its own venv) loaded by transformers and adopted by PEQA in its own
+    codes (``adopt_checkpoint_grid=True``), untuned."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from peqa_peft import PeqaConfig
+
+    base = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    model = get_peft_model(base, PeqaConfig(adopt_checkpoint_grid=True, task_type="CAUSAL_LM"))
+    writer = directory / "writer.json"
+    info = {"source": directory.name}
+    if writer.is_file():
+        meta = json.loads(writer.read_text())
+        info.update(writer=f"llm-compressor {meta['versions']['llmcompressor']}", calibration=meta.get("calibration"))
+    return model.eval(), info
+
+
 # ---------------------------------------------------------------------------------------------------------- driver
 def machine() -> str:
     cpu = platform.processor() or "?"
@@ -461,9 +490,10 @@ class Bench:
         info = {"group_fallback": fallback_note(self.fp_model, group, fallback)} if fallback else {}
         if init == "gptq":
             if self.hessians is None:
-                self.hessians = collect_hessians(self.fp_model, self.calibration_ids())
+                self.hessians = collect_hessians(self.fp_model, self.calibration_ids(), self.args.gptq_sink_weight)
             install_gptq(model, self.fp_model, self.hessians, int(bits))
             info["calibration"] = f"WikiText-2 valid {self.args.calib_windows}x{self.args.seq_len}"
+            info["sink_weight"] = self.args.gptq_sink_weight
         return model, info
 
     def calibration_ids(self) -> torch.Tensor:
@@ -484,11 +514,13 @@ class Bench:
         unknown = [n for n in names if n not in ROWS and n != "gguf-adopt"]
         if unknown:
             raise SystemExit(f"unknown row(s) {unknown}; choose from {ROWS} or gguf-adopt")
-        jobs = [("fp32", lambda: (self.fp_model, {}), args.ptb)] if configs or names else []
+        jobs = [("fp32", lambda: (self.fp_model, {}), args.ptb)] if configs or names or args.adopt else []
         ptb_patterns = args.ptb_configs.split(",")
         for key in configs:
             want_ptb = args.ptb and any(fnmatch.fnmatch(key, p) for p in ptb_patterns)
             jobs.append((key, lambda key=key: self.init_row(key), want_ptb))
+        for directory in args.adopt:
+            jobs.append((f"adopt-{directory.name}", lambda d=directory: adopted_checkpoint(d), args.ptb))
         for name in names:
             if name == "gguf-adopt":
                 jobs.append((name, lambda: adopted_gguf(args), args.ptb))
@@ -544,8 +576,18 @@ def main(argv=None) -> None:
     parser.add_argument("--peqa3-group", type=int, default=None)
     parser.add_argument("--full-lr", type=float, default=2e-5)
     parser.add_argument("--calib-windows", type=int, default=16, help="GPTQ calibration windows of --seq-len")
+    parser.add_argument(
+        "--gptq-sink-weight", type=float, default=16.0, help="GPTQ Hessian weight of each window's first token"
+    )
     parser.add_argument("--output-dir", type=Path, default=None)
     parser.add_argument("--redo", action="store_true")
+    parser.add_argument(
+        "--adopt",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="compressed-tensors checkpoints to adopt untuned (rows adopt-<dir>)",
+    )
     parser.add_argument("--alignment", action="store_true", help="measure how the GGUF blocks flatter group 32")
     args = parser.parse_args(argv)
 

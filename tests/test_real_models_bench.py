@@ -50,3 +50,28 @@ def test_fallback_note_names_every_group_size():
     sizes = {n: real_models.group_size_for("g128", w) for n, w in real_models.linear_names(model).items()}
     fallback = {n: s for n, s in sizes.items() if s != 96}
     assert real_models.fallback_note(model, "g128", fallback) == "2 layers at g96, 1 at g128"
+
+
+def test_gptq_hessian_weights_each_windows_first_token():
+    """``collect_hessians(sink_weight=w)``: H = 2/n * sum_t w_t x_t x_t^T over the layer's inputs, the first token of
+    every window weighted w (the attention sink; see the benchmark's docstring), n = the sum of the weights."""
+    from conftest import tiny_llama
+
+    model = tiny_llama(vocab_size=64).eval()
+    ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(0))
+    name = "model.layers.0.mlp.down_proj"
+    inputs = []
+    hook = model.get_submodule(name).register_forward_hook(lambda m, a, o: inputs.append(a[0][0].detach()))
+    with torch.no_grad():
+        for window in ids:
+            model(input_ids=window[None])
+    hook.remove()
+    x = torch.cat(inputs)  # (3 * 8, in_features)
+    weights = torch.ones(3, 8)
+    weights[:, 0] = 16.0
+    weights = weights.reshape(-1, 1)
+    expected = 2 * (x * weights).t() @ x / weights.sum()
+    hessians = real_models.collect_hessians(model, ids, sink_weight=16.0)
+    torch.testing.assert_close(hessians[name], expected, rtol=1e-5, atol=1e-6)
+    plain = real_models.collect_hessians(model, ids)  # weight 1: plain GPTQ's average
+    torch.testing.assert_close(plain[name], 2 * x.t() @ x / x.shape[0], rtol=1e-5, atol=1e-6)
