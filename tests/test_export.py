@@ -543,6 +543,22 @@ def test_dequantized_export_is_tuned_in_its_own_codes(tmp_path, demo_tokenizer):
         requantized = collect(get_peft_model(other, PeqaConfig(bits=3, task_type="CAUSAL_LM")))
     assert {layer.bits for layer in requantized.layers.values()} == {3}
 
+    # a scheme PEQA cannot adopt, or a config it cannot parse: the dense weights are re-quantized, with a warning
+    config_path = tmp_path / "ct" / "config.json"
+    original = config_path.read_text()
+    for edit, message in (
+        ({"type": "float", "num_bits": 8, "strategy": "channel", "group_size": None}, "integer weight schemes only"),
+        ({"strategy": "no-such-strategy"}, "quantization_config cannot be read"),
+    ):
+        config_path.write_text(original)
+        dense = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+        config = json.loads(original)  # the files the model came from change after loading
+        config["quantization_config"]["config_groups"]["group_0"]["weights"].update(edit)
+        config_path.write_text(json.dumps(config))
+        with pytest.warns(UserWarning, match=message):
+            requantized = collect(get_peft_model(dense, PeqaConfig(task_type="CAUSAL_LM")))
+        assert {layer.bits for layer in requantized.layers.values()} == {4}
+
 
 def test_v1_gptq_refuses_a_zero_point_of_zero(tmp_path, demo_tokenizer):
     model = tuned(tiny_llama(vocab_size=4096), bits=2, group_size=32)

@@ -16,13 +16,14 @@ changed after loading is refused, never adopted onto a grid it is not on. The mo
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..formats.compressed_tensors.reader import _RECORD
+from ..formats.compressed_tensors.reader import _RECORD, check_scheme
 from .stored_weights import _local_files
 
 GRID_TENSORS = ("weight_scale", "weight_zero_point")
@@ -100,7 +101,15 @@ def dequantized_views(model: nn.Module, targets: dict[str, nn.Module]) -> dict[s
     files, qconfig = _checkpoint(model)
     if qconfig is None:
         return {}
-    schemes = _schemes(model, qconfig, floats)
+    try:
+        schemes = _schemes(model, qconfig, floats)
+    except (ValueError, TypeError) as err:  # a config this compressed-tensors version cannot parse
+        warnings.warn(
+            "PEQA: the model was loaded from a compressed-tensors checkpoint whose quantization_config cannot be "
+            f"read ({type(err).__name__}: {str(err).splitlines()[0]}); its dense weights are re-quantized.",
+            stacklevel=5,
+        )
+        return {}
     index = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
@@ -116,7 +125,13 @@ def dequantized_views(model: nn.Module, targets: dict[str, nn.Module]) -> dict[s
             with safe_open(str(index[f"{stored}.{name}"]), framework="pt") as handle:
                 tensors[name] = handle.get_tensor(f"{stored}.{name}")
         record = (str(index[f"{stored}.weight_scale"]), frozenset(names))
-        views[key] = _view(floats[key], scheme, tensors, record)
+        view = _view(floats[key], scheme, tensors, record)
+        try:
+            check_scheme(view, key)
+        except ValueError as err:  # e.g. fp8: not a grid PEQA can tune, so the dense weight is quantized as before
+            warnings.warn(f"PEQA: {err}; its dense (dequantized) weight is re-quantized instead.", stacklevel=5)
+            continue
+        views[key] = view
     return views
 
 
