@@ -30,7 +30,8 @@ Tuning rows (``--rows``): the issue's fixed budget, ``--steps`` (30) Alpaca SFT 
 CLI's defaults otherwise (``peqa_peft.workflows.train``'s TrainConfig/SFTTrainer, same seed and data order for every
 row): ``peqa`` (the package's default 4-bit PEQA, ``group_size="auto"``, MSE init, on the float model), ``peqa3``
 (3-bit at ``--peqa3-group``), ``lora`` (r8 on fp32), ``qlora`` (the CLI's method: NF4 base + LoRA r8), ``full`` (full
-fine-tuning, AdamW lr ``--full-lr``), ``qft`` (the CLI's method, IntLion) and ``peqa-gguf`` (PEQA on the file itself:
+fine-tuning, AdamW lr ``--full-lr``), ``qft`` (the CLI's method, IntLion; ``--qft-lr`` makes it row
+``tuned-qft-lr<lr>``) and ``peqa-gguf`` (PEQA on the file itself:
 ``peqa_peft.load_gguf`` + ``PeqaConfig(adopt_checkpoint_grid=True)``, the file's codes and scales as the base, as
 ``peqa-peft train --model <file.gguf>`` does). Each tuned row records the mean loss of its first and last logged
 steps and how many state-dict tensors training changed (a row that changed none raises). ``gguf-adopt`` is the
@@ -277,7 +278,7 @@ def train_config(row: str, model_dir: Path, args, out_dir: Path):
         seq_len=256,
         bits=3 if row == "peqa3" else 4,
         group_size=args.peqa3_group if row == "peqa3" else "auto",
-        learning_rate=args.full_lr if row == "full" else None,
+        learning_rate=args.full_lr if row == "full" else (args.qft_lr if row == "qft" else None),
         logging_steps=1,  # every step's loss, to check that the row trained
         progress=False,
     )
@@ -394,6 +395,8 @@ def row_order(key: str) -> tuple:
         return (0, key != "fp32")
     if key in ALL_CONFIGS:
         return (1, ALL_CONFIGS.index(key))
+    if key.startswith("adopt-"):  # checkpoints adopted untuned: after the sweep, before the tuned rows
+        return (1, len(ALL_CONFIGS), key)
     name = key.removeprefix("tuned-")
     return (2, ROWS.index(name) if name in ROWS else len(ROWS), key)
 
@@ -525,9 +528,8 @@ class Bench:
             if name == "gguf-adopt":
                 jobs.append((name, lambda: adopted_gguf(args), args.ptb))
             else:
-                jobs.append(
-                    (f"tuned-{name}", lambda name=name: tune(name, self.model_dir, args, self.out_dir), args.ptb)
-                )
+                key = f"tuned-{name}" + (f"-lr{args.qft_lr:g}" if name == "qft" and args.qft_lr else "")
+                jobs.append((key, lambda name=name: tune(name, self.model_dir, args, self.out_dir), args.ptb))
         return jobs
 
     def measure(self, build: Callable, want_ptb: bool) -> dict:
@@ -552,6 +554,7 @@ class Bench:
             old = rows.get(key)
             if old and "error" not in old and not self.args.redo and (not want_ptb or old.get("ptb")):
                 continue
+            want_ptb = want_ptb or bool(old and old.get("ptb"))  # a re-measured row keeps every column it had
             row = self.measure(build, want_ptb)
             if old and old.get("wikitext2") and row.get("wikitext2"):
                 # Re-measured (for PTB, or --redo): the same windows must give the same WikiText-2 perplexity.
@@ -575,6 +578,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--peqa3-group", type=int, default=None)
     parser.add_argument("--full-lr", type=float, default=2e-5)
+    parser.add_argument("--qft-lr", type=float, default=None, help="IntLion lr of the qft row (default: the CLI's)")
     parser.add_argument("--calib-windows", type=int, default=16, help="GPTQ calibration windows of --seq-len")
     parser.add_argument(
         "--gptq-sink-weight", type=float, default=16.0, help="GPTQ Hessian weight of each window's first token"
