@@ -272,7 +272,7 @@ def train_config(row: str, model_dir: Path, args, out_dir: Path):
     return TrainConfig(
         model=str(model_dir),
         method=METHOD[row],
-        output_dir=str(out_dir / "runs" / row),
+        output_dir=str(REPO / "outputs" / "realmodels" / "runs" / out_dir.name / row),  # never under results/
         max_steps=args.steps,
         batch_size=4,
         seq_len=256,
