@@ -540,7 +540,7 @@ def test_dequantized_export_is_tuned_in_its_own_codes(tmp_path, demo_tokenizer):
 
     other = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
     with pytest.warns(UserWarning, match=r"loaded dequantized .*bits=4, group_size=32.*re-quantized"):
-        requantized = collect(get_peft_model(other, PeqaConfig(bits=3, task_type="CAUSAL_LM")))
+        requantized = collect(get_peft_model(other, PeqaConfig(bits=3, init_method="minmax", task_type="CAUSAL_LM")))
     assert {layer.bits for layer in requantized.layers.values()} == {3}
 
     # a scheme PEQA cannot adopt, or a config it cannot parse: the dense weights are re-quantized, with a warning
@@ -556,7 +556,7 @@ def test_dequantized_export_is_tuned_in_its_own_codes(tmp_path, demo_tokenizer):
         config["quantization_config"]["config_groups"]["group_0"]["weights"].update(edit)
         config_path.write_text(json.dumps(config))
         with pytest.warns(UserWarning, match=message):
-            requantized = collect(get_peft_model(dense, PeqaConfig(task_type="CAUSAL_LM")))
+            requantized = collect(get_peft_model(dense, PeqaConfig(init_method="minmax", task_type="CAUSAL_LM")))
         assert {layer.bits for layer in requantized.layers.values()} == {4}
 
 

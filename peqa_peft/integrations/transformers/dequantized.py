@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..formats.compressed_tensors.reader import _RECORD, check_scheme
+from ..formats.compressed_tensors.reader import _RECORD, _value, check_scheme
 from .stored_weights import _local_files
 
 GRID_TENSORS = ("weight_scale", "weight_zero_point")
@@ -78,7 +78,8 @@ def _view(module: nn.Module, scheme, tensors: dict[str, torch.Tensor], record) -
     view.weight_scale = scale
     zp = tensors.get("weight_zero_point")
     if zp is not None:
-        if zp.dtype == torch.int32 and zp.dim() == 2 and zp.shape[0] != module.out_features:  # packed along outputs
+        packed = _value(scheme.weights.strategy) in ("channel", "group") and zp.dtype == torch.int32
+        if packed and zp.shape[0] != module.out_features:  # compressed-tensors packs these along the outputs
             zp = unpack_from_int32(zp, scheme.weights.num_bits, torch.Size(scale.shape), packed_dim=0)
         view.weight_zero_point = zp.to(module.weight.device)
     setattr(view, _RECORD, record)  # which tensors the file stores: the reader checks them against the scheme
