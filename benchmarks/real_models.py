@@ -31,7 +31,7 @@ CLI's defaults otherwise (``peqa_peft.workflows.train``'s TrainConfig/SFTTrainer
 row): ``peqa`` (the package's default 4-bit PEQA, ``group_size="auto"``, MSE init, on the float model), ``peqa3``
 (3-bit at ``--peqa3-group``), ``lora`` (r8 on fp32), ``qlora`` (the CLI's method: NF4 base + LoRA r8), ``full`` (full
 fine-tuning, AdamW lr ``--full-lr``), ``qft`` (the CLI's method, IntLion; ``--qft-lr`` makes it row
-``tuned-qft-lr<lr>``) and ``peqa-gguf`` (PEQA on the file itself:
+``tuned-qft-lr<lr>``; ``--peqa-lr`` likewise for the PEQA rows) and ``peqa-gguf`` (PEQA on the file itself:
 ``peqa_peft.load_gguf`` + ``PeqaConfig(adopt_checkpoint_grid=True)``, the file's codes and scales as the base, as
 ``peqa-peft train --model <file.gguf>`` does). Each tuned row records the mean loss of its first and last logged
 steps and how many state-dict tensors training changed (a row that changed none raises). ``gguf-adopt`` is the
@@ -278,7 +278,9 @@ def train_config(row: str, model_dir: Path, args, out_dir: Path):
         seq_len=256,
         bits=3 if row == "peqa3" else 4,
         group_size=args.peqa3_group if row == "peqa3" else "auto",
-        learning_rate=args.full_lr if row == "full" else (args.qft_lr if row == "qft" else None),
+        learning_rate={"full": args.full_lr, "qft": args.qft_lr}.get(
+            row, args.peqa_lr if METHOD[row] == "peqa" else None
+        ),
         logging_steps=1,  # every step's loss, to check that the row trained
         progress=False,
     )
@@ -528,7 +530,8 @@ class Bench:
             if name == "gguf-adopt":
                 jobs.append((name, lambda: adopted_gguf(args), args.ptb))
             else:
-                key = f"tuned-{name}" + (f"-lr{args.qft_lr:g}" if name == "qft" and args.qft_lr else "")
+                lr = args.qft_lr if name == "qft" else (args.peqa_lr if METHOD[name] == "peqa" else None)
+                key = f"tuned-{name}" + (f"-lr{lr:g}" if lr else "")
                 jobs.append((key, lambda name=name: tune(name, self.model_dir, args, self.out_dir), args.ptb))
         return jobs
 
@@ -579,6 +582,7 @@ def main(argv=None) -> None:
     parser.add_argument("--peqa3-group", type=int, default=None)
     parser.add_argument("--full-lr", type=float, default=2e-5)
     parser.add_argument("--qft-lr", type=float, default=None, help="IntLion lr of the qft row (default: the CLI's)")
+    parser.add_argument("--peqa-lr", type=float, default=None, help="lr of the PEQA rows (default: the CLI's)")
     parser.add_argument("--calib-windows", type=int, default=16, help="GPTQ calibration windows of --seq-len")
     parser.add_argument(
         "--gptq-sink-weight", type=float, default=16.0, help="GPTQ Hessian weight of each window's first token"

@@ -207,3 +207,24 @@ def test_adapter_for_another_base_is_refused(tmp_path):
         )
         == 2
     )
+
+
+def test_peqa_learning_rate_is_judged_against_the_models_scales(capsys):
+    """The CLI states the learning rate as a fraction of the median base scale (AdamW moves each scale by about the
+    learning rate per step) and warns above PEQA_MAX_RELATIVE_LR, suggesting a rate for this model's scales."""
+    import warnings
+
+    from peft import get_peft_model
+
+    from peqa_peft import PeqaConfig
+    from peqa_peft.workflows import train as train_module
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(DEMO_LLAMA), PeqaConfig(init_method="minmax", task_type="CAUSAL_LM")
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_module._check_peqa_learning_rate(model, 2e-4)  # the default: ~2% of the demo's scales, no warning
+    assert "of the median base scale" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"learning rate 0.002 is \d+\.\d% .*Consider --learning-rate \d"):
+        train_module._check_peqa_learning_rate(model, 2e-3)
