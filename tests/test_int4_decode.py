@@ -73,8 +73,8 @@ def test_kernel_weight_error_against_fp32_dequantization():
     of the scale, of the folded zero term and of the kernel's output, per weight."""
     layer = _layer(in_features=256, out_features=64, group_size=32, bias=False)
     eye = torch.eye(layer.in_features, dtype=BF16)
-    with torch.no_grad():  # in calls of 32 rows: longer inputs (prefill) are left to today's kernels
-        w_kernel = torch.cat([layer(rows) for rows in eye.split(32)]).float().t()
+    with torch.no_grad():  # in calls of MAX_ROWS rows: longer inputs (prefill) are left to today's kernels
+        w_kernel = torch.cat([layer(rows) for rows in eye.split(int4mm.MAX_ROWS)]).float().t()
     assert _uses_int4(layer)
     w_ref = layer.dequantize(torch.float32)
     s = layer.scale.repeat_interleave(32, 1)

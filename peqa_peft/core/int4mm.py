@@ -37,11 +37,11 @@ import torch
 from . import kernels
 
 GROUP_SIZES = (32, 64, 128, 256)
-# Rows (tokens) per call up to which the int4 kernel runs. It is a decode kernel: on the shared 2-core AMX CPU here
-# it beat peqa_peft's kernels 2-25x at 1-32 rows of a 2048 x 2048 layer, was even with them around 48 rows and lost
-# up to 2.5x at 64-128 rows (prefill), where dequantizing blocks and running the bf16 GEMM wins
+# Rows (tokens) per call up to which the int4 kernel runs. It is a decode kernel: on the idle 2-core AMX CPU here
+# (2026-12-07) it beat peqa_peft's kernels 1.8-3.2x at 1-16 rows of a 2048 x 2048 layer, lost 1.1x at 32 rows and up
+# to 3x at 64-128 rows (prefill), where dequantizing blocks and running the bf16 GEMM wins
 # (benchmarks/bf16_decode.py --rows-sweep, results in benchmarks/results/bf16-decode).
-MAX_ROWS = 32
+MAX_ROWS = 16
 _ENV_VAR = "PEQA_INT4_MATMUL"
 # CUDA tinygemm: k-tiles of 16 packed 8 at a time (the fastest layout; torchao's default inner_k_tiles), n-tiles of 8.
 _CUDA_INNER_K_TILES = 8
