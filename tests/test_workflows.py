@@ -226,5 +226,5 @@ def test_peqa_learning_rate_is_judged_against_the_models_scales(capsys):
         warnings.simplefilter("error")
         train_module._check_peqa_learning_rate(model, 2e-4)  # the default: ~2% of the demo's scales, no warning
     assert "of the median base scale" in capsys.readouterr().err
-    with pytest.warns(UserWarning, match=r"learning rate 0.002 is \d+\.\d% .*Consider --learning-rate \d"):
+    with pytest.warns(UserWarning, match=r"learning rate 0.002 is \d+\.\d% .*Consider a learning rate of \d.*--lr"):
         train_module._check_peqa_learning_rate(model, 2e-3)

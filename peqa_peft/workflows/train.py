@@ -314,8 +314,8 @@ def _check_peqa_learning_rate(model, learning_rate: float) -> None:
     if ratio > PEQA_MAX_RELATIVE_LR:
         warnings.warn(
             f"PEQA learning rate {learning_rate:g} is {ratio:.1%} of this model's median base scale ({median:.3g}): "
-            "each step can change the scales by about that much, which diverged on Gemma 3 270M (4.2%). Consider "
-            f"--learning-rate {PEQA_SUGGESTED_RELATIVE_LR * median:.1g} (0.4% of the median scale).",
+            "each step can change the scales by about that much, which diverged on Gemma 3 270M (4.2%). Consider a "
+            f"learning rate of {PEQA_SUGGESTED_RELATIVE_LR * median:.1g} (--lr; 0.4% of the median scale).",
             stacklevel=2,
         )
 
