@@ -265,6 +265,11 @@ METHOD = {"peqa": "peqa", "peqa3": "peqa", "lora": "lora", "qlora": "qlora", "fu
 METHOD["peqa-gguf"] = "peqa"
 
 
+def lr_override(row: str, args) -> float | None:
+    """``--qft-lr`` / ``--peqa-lr`` for the rows they apply to (the row's key then names it), else ``None``."""
+    return args.qft_lr if row == "qft" else (args.peqa_lr if METHOD[row] == "peqa" else None)
+
+
 def train_config(row: str, model_dir: Path, args, out_dir: Path):
     """The issue's fixed budget (Alpaca SFT, ``--steps`` x 4 x 256, CLI defaults otherwise) for ``row``."""
     from peqa_peft.workflows.train import TrainConfig
@@ -278,9 +283,7 @@ def train_config(row: str, model_dir: Path, args, out_dir: Path):
         seq_len=256,
         bits=3 if row == "peqa3" else 4,
         group_size=args.peqa3_group if row == "peqa3" else "auto",
-        learning_rate={"full": args.full_lr, "qft": args.qft_lr}.get(
-            row, args.peqa_lr if METHOD[row] == "peqa" else None
-        ),
+        learning_rate=args.full_lr if row == "full" else lr_override(row, args),
         logging_steps=1,  # every step's loss, to check that the row trained
         progress=False,
     )
@@ -530,7 +533,7 @@ class Bench:
             if name == "gguf-adopt":
                 jobs.append((name, lambda: adopted_gguf(args), args.ptb))
             else:
-                lr = args.qft_lr if name == "qft" else (args.peqa_lr if METHOD[name] == "peqa" else None)
+                lr = lr_override(name, args)
                 key = f"tuned-{name}" + (f"-lr{lr:g}" if lr else "")
                 jobs.append((key, lambda name=name: tune(name, self.model_dir, args, self.out_dir), args.ptb))
         return jobs

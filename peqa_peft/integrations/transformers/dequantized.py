@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..formats.compressed_tensors.reader import _RECORD, _value, check_scheme
-from .stored_weights import _local_files
+from .stored_weights import checkpoint_files, checkpoint_module_names, tensor_index
 
 GRID_TENSORS = ("weight_scale", "weight_zero_point")
 QUANT_METHOD = "compressed-tensors"
@@ -32,8 +32,7 @@ QUANT_METHOD = "compressed-tensors"
 
 def _checkpoint(model: nn.Module) -> tuple[list[Path], Optional[dict]]:
     """The safetensors files ``model`` was loaded from and their ``config.json``'s compressed-tensors config."""
-    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
-    files = _local_files(str(name or ""))
+    files = checkpoint_files(model)
     if not files or not (files[0].parent / "config.json").is_file():
         return files, None
     qconfig = json.loads((files[0].parent / "config.json").read_text()).get("quantization_config")
@@ -56,15 +55,9 @@ def _schemes(model: nn.Module, qconfig: dict, keys) -> dict:
     return schemes
 
 
-def _stored_names(model: nn.Module, key: str, index: dict) -> Optional[str]:
-    """The checkpoint's module name for ``key`` (as it is, or without/with the base model's prefix)."""
-    prefix = getattr(model, "base_model_prefix", "")
-    candidates = [key]
-    if prefix and key.startswith(prefix + "."):
-        candidates.append(key[len(prefix) + 1 :])
-    elif prefix:
-        candidates.append(f"{prefix}.{key}")
-    return next((c for c in candidates if f"{c}.weight_scale" in index), None)
+def _stored_name(model: nn.Module, key: str, index: dict) -> Optional[str]:
+    """The checkpoint's module name for ``key`` whose ``weight_scale`` the files hold, if any."""
+    return next((n for n in checkpoint_module_names(model, key) if f"{n}.weight_scale" in index), None)
 
 
 def _view(module: nn.Module, scheme, tensors: dict[str, torch.Tensor], record) -> nn.Module:
@@ -111,13 +104,10 @@ def dequantized_views(model: nn.Module, targets: dict[str, nn.Module]) -> dict[s
             stacklevel=5,
         )
         return {}
-    index = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            index.update(dict.fromkeys(handle.keys(), file))
+    index = tensor_index(files)
     views = {}
     for key, scheme in schemes.items():
-        stored = _stored_names(model, key, index)
+        stored = _stored_name(model, key, index)
         if stored is None or scheme.weights is None:
             continue
         names = [n for n in GRID_TENSORS if f"{stored}.{n}" in index]

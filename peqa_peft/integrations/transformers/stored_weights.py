@@ -54,6 +54,34 @@ def _local_files(name_or_path: str) -> list[Path]:
     return [directory / SINGLE] if (directory / SINGLE).is_file() else []
 
 
+def checkpoint_files(model: nn.Module) -> list[Path]:
+    """The safetensors files ``model`` was loaded from (``name_or_path``): a local directory or the Hub cache."""
+    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return _local_files(str(name or ""))
+
+
+def tensor_index(files: list[Path]) -> dict[str, Path]:
+    """Tensor name -> the file holding it, from the safetensors headers only."""
+    from safetensors import safe_open
+
+    index: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            index.update(dict.fromkeys(handle.keys(), file))
+    return index
+
+
+def checkpoint_module_names(model: nn.Module, key: str) -> list[str]:
+    """Checkpoint names for module ``key``: as it is, and without/with the base model's prefix."""
+    names = [key]
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and key.startswith(prefix + "."):
+        names.append(key[len(prefix) + 1 :])
+    elif prefix:
+        names.append(f"{prefix}.{key}")
+    return names
+
+
 class StoredWeights:
     """Lazy access to the stored weights of ``model`` (``model.name_or_path``), one tensor at a time (memory-mapped).
 
@@ -77,26 +105,12 @@ class StoredWeights:
 
     def _index(self) -> dict[str, Path]:
         if self._keys is None:
-            from safetensors import safe_open
-
-            name = getattr(self.model, "name_or_path", "") or getattr(
-                getattr(self.model, "config", None), "_name_or_path", ""
-            )
-            self._keys = {}
-            for file in _local_files(str(name or "")):
-                with safe_open(str(file), framework="pt") as handle:
-                    self._keys.update(dict.fromkeys(handle.keys(), file))
+            self._keys = tensor_index(checkpoint_files(self.model))
         return self._keys
 
     def _candidates(self, key: str) -> list[str]:
-        """Checkpoint names for module ``key``: as it is, and without/with the base model's prefix."""
-        names = [f"{key}.weight"]
-        prefix = getattr(self.model, "base_model_prefix", "")
-        if prefix and key.startswith(prefix + "."):
-            names.append(f"{key[len(prefix) + 1 :]}.weight")
-        elif prefix:
-            names.append(f"{prefix}.{key}.weight")
-        return names
+        """Checkpoint names of module ``key``'s weight (see :func:`checkpoint_module_names`)."""
+        return [f"{name}.weight" for name in checkpoint_module_names(self.model, key)]
 
     @torch.no_grad()
     def weight_for(self, key: str, module: nn.Module) -> Optional[torch.Tensor]:
@@ -121,4 +135,4 @@ class StoredWeights:
         return stored.to(loaded.device)
 
 
-__all__ = ["StoredWeights"]
+__all__ = ["StoredWeights", "checkpoint_files", "checkpoint_module_names", "tensor_index"]
