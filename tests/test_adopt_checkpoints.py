@@ -218,13 +218,19 @@ def test_partial_adoption_warns_that_the_model_cannot_be_saved_whole():
 
 
 def test_adapter_refuses_a_base_with_another_grid(tmp_path):
-    """Δs trained on the checkpoint's grid does not load onto the same model quantized by PEQA itself."""
-    meta, ref = writer(ASYM4)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(ASYM4), peqa_config(meta))
-    train_one_step(model, ref["input_ids"])
-    model.save_pretrained(tmp_path / "adapter")
-    with pytest.raises(ValueError, match="different quantized base"):
-        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OTHER_BASE), tmp_path / "adapter")
+    """Δs trained on the checkpoint's grid does not load onto the same model quantized by PEQA itself onto another
+    grid (the symmetric checkpoint's zero-points are fixed, PEQA's asymmetric ones are not); it does load where
+    PEQA's default reproduces the checkpoint's grid (per-channel asymmetric RTN: round-to-nearest on both sides)."""
+    for fixture, fits in ((SYM4_G32, False), (ASYM4, True)):
+        meta, ref = writer(fixture)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(fixture), peqa_config(meta))
+        train_one_step(model, ref["input_ids"])
+        model.save_pretrained(tmp_path / fixture.name)
+        if fits:
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OTHER_BASE), tmp_path / fixture.name)
+            continue
+        with pytest.raises(ValueError, match="different quantized base"):
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OTHER_BASE), tmp_path / fixture.name)
 
 
 # --- GPTQ-format layers, checked against an independent reference packing ------------------------------------------

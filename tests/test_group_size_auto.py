@@ -1,4 +1,5 @@
-"""PEQA's default group size, "auto": group 32 where 32 divides every targeted layer's width, else per channel.
+"""PEQA's default group size, "auto": group 32 where 32 divides every targeted layer's width, else per channel;
+and its default init, "auto": the MSE search with groups, round-to-nearest per channel.
 
 The rule was chosen on real models (benchmarks/real_models.py); here: it resolves to one concrete value that the
 config (and so the saved adapter / quantization_config) records, explicit values are untouched, already quantized
@@ -18,7 +19,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peqa_peft import PeqaConfig, PeqaQuantizationConfig, QuantLinear
-from peqa_peft.core import AUTO_GROUP_SIZE, resolve_auto_group_size
+from peqa_peft.core import AUTO_GROUP_SIZE, resolve_auto_group_size, resolve_auto_init_method
 from peqa_peft.tuners.peqa.layer import PeqaLayer
 from peqa_peft.workflows.cli import add_eval_parser, add_train_parser
 
@@ -49,6 +50,26 @@ def test_default_is_auto_and_resolves_to_one_recorded_value():
     config = PeqaConfig(task_type="CAUSAL_LM")
     model = get_peft_model(tiny_llama(intermediate_size=48), config)
     assert config.group_size is None and {b.group_size for b in bases(model)} == {None}
+
+
+def test_default_init_follows_the_resolved_grid_and_is_recorded(tmp_path):
+    assert resolve_auto_init_method(32) == "mse" and resolve_auto_init_method(None) == "minmax"
+    assert PeqaConfig().init_method == "auto" and PeqaQuantizationConfig().init_method == "auto"
+    grouped, per_channel = PeqaConfig(task_type="CAUSAL_LM"), PeqaConfig(task_type="CAUSAL_LM", group_size=None)
+    get_peft_model(tiny_llama(), grouped)
+    model = get_peft_model(tiny_llama(), per_channel)
+    assert (grouped.init_method, per_channel.init_method) == ("mse", "minmax")
+    # round-to-nearest per channel: the base equals the "minmax" quantization of the weight
+    base = bases(model)[0]
+    explicit = QuantLinear.from_linear(tiny_llama().model.layers[0].self_attn.q_proj, 4, None, method="minmax")
+    torch.testing.assert_close(base.scale, explicit.scale, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_method"] == "minmax"
+    explicit_config = PeqaConfig(task_type="CAUSAL_LM", group_size=None, init_method="mse")
+    get_peft_model(tiny_llama(), explicit_config)
+    assert explicit_config.init_method == "mse"
+    loaded = AutoModelForCausalLM.from_pretrained(SMALL, quantization_config=PeqaQuantizationConfig())
+    assert loaded.config.quantization_config.init_method == "minmax"  # per channel (172-wide down_proj)
 
 
 def test_explicit_values_are_kept():

@@ -10,18 +10,20 @@ from peft import PeftModel, get_peft_model
 
 import peqa_peft
 from peqa_peft import PeqaConfig, QuantLinear
-from peqa_peft.core import fake_quantize
+from peqa_peft.core import fake_quantize, resolve_auto_init_method
 from peqa_peft.tuners.peqa import PeqaLayer
 
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
 def fake_quant_copy(model, bits, group_size=None, skip=("lm_head",)):
-    """The base model with every targeted Linear replaced by its dequantized PEQA initialisation."""
+    """The base model with every targeted Linear replaced by its dequantized PEQA initialisation (the default
+    init_method "auto": the MSE search with groups, round-to-nearest per channel)."""
     ref = copy.deepcopy(model)
+    method = resolve_auto_init_method(group_size)
     for name, module in ref.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith(skip):
-            module.weight.data = fake_quantize(module.weight.data, bits, group_size)
+            module.weight.data = fake_quantize(module.weight.data, bits, group_size, method)
     return ref
 
 

@@ -89,6 +89,19 @@ def test_mse_search_beats_minmax_on_real_weights(demo_model, bits, group_size):
             assert err_mse < 0.97 * err_rtn
 
 
+def test_mse_search_fits_a_grid_wider_than_the_groups_range():
+    """Values on an integer-zero-point grid that leave its top code unused: round-to-nearest over their range
+    (scale 14/15 of the grid's) misses it, a grid 15/14 wider, centred and rounded, reproduces it exactly."""
+    step, zero = 0.01, 7.0
+    codes = torch.arange(0, 15).float()  # codes 0..14 of 0..15
+    w = ((codes - zero) * step).repeat(3, 2)  # 3 rows x 2 groups of 15
+    scale, z = compute_qparams(w, 4, 15, "mse", grid=14, max_shrink=0.5)  # ratios 1 + 1/14 = 15/14 among them
+    torch.testing.assert_close(dequantize(quantize(w, scale, z, 4, 15), scale, z, 15), w, rtol=0, atol=1e-7)
+    assert torch.equal(z, torch.full_like(z, zero))
+    rtn = fake_quantize(w, 4, 15, "minmax")
+    assert (rtn - w).abs().max() > step / 10
+
+
 def test_constant_and_zero_rows_are_exact():
     w = torch.zeros(4, 8)
     w[1] = 0.5

@@ -17,6 +17,7 @@ from .quantizer import (
     quantize,
     quantize_weight,
     resolve_auto_group_size,
+    resolve_auto_init_method,
     validate_bits,
     validate_group_size,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "quantize",
     "quantize_weight",
     "resolve_auto_group_size",
+    "resolve_auto_init_method",
     "unpack_bits",
     "unpack_codes",
     "validate_bits",

@@ -134,7 +134,12 @@ def add_eval_parser(sub) -> None:
     p.add_argument(
         "--group-size", type=_group_size, default="auto", help="with --bits: auto (PEQA's default), an int, or none"
     )
-    p.add_argument("--quant-method", choices=("minmax", "mse"), default="minmax", help="minmax = RTN")
+    p.add_argument(
+        "--quant-method",
+        choices=("auto", "minmax", "mse"),
+        default="auto",
+        help="PEQA init of --bits: auto (mse with groups, minmax per channel), minmax = RTN, mse",
+    )
     p.add_argument("--load-in-4bit", action="store_true", help="load the base in bitsandbytes NF4 (QLoRA adapters)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--text-file", default=None, help="score this UTF-8 text file")

@@ -118,7 +118,7 @@ def load_for_eval(
     adapter: Optional[str] = None,
     bits: Optional[int] = None,
     group_size: Optional[Union[int, str]] = "auto",
-    quant_method: str = "minmax",
+    quant_method: str = "auto",
     dtype: torch.dtype = torch.float32,
     load_in_4bit: bool = False,
 ):

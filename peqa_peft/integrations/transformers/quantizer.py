@@ -35,6 +35,7 @@ from ...core.quantizer import (
     AUTO,
     quantize_weight,
     resolve_auto_group_size,
+    resolve_auto_init_method,
     validate_group_size,
     validate_quant_settings,
 )
@@ -64,8 +65,9 @@ class PeqaQuantizationConfig(QuantizationConfigMixin):
             output channel; see ``PeqaConfig``; resolved to the concrete value when the model is built), ``None``
             for one scale per output channel, else input columns per scale (must divide every targeted layer's
             ``in_features``).
-        init_method: ``"mse"`` (clipping search minimising ``||W - W_hat||_F^2``, PEQA's default) or ``"minmax"``.
-        search_grid / max_shrink: the clipping search's resolution and largest clipped fraction (as in PeqaConfig).
+        init_method: ``"auto"`` (default: ``"mse"`` with groups, ``"minmax"`` per channel; resolved with the group
+            size), ``"mse"`` (grid search minimising ``||W - W_hat||_F^2``) or ``"minmax"`` (round-to-nearest).
+        search_grid / max_shrink: the MSE search's resolution and largest clipped fraction (as in PeqaConfig).
         target_modules: ``None`` for every linear layer except the output embeddings (``lm_head``), or a list of
             module-name suffixes / a regex (full match) selecting the layers to quantize.
         exclude_modules: module-name suffixes (or a regex) to keep in floating point.
@@ -75,7 +77,7 @@ class PeqaQuantizationConfig(QuantizationConfigMixin):
         self,
         bits: int = 4,
         group_size: Optional[int | str] = "auto",
-        init_method: str = "mse",
+        init_method: str = AUTO,
         search_grid: int = 100,
         max_shrink: float = 0.8,
         target_modules: Optional[list[str] | str] = None,
@@ -122,8 +124,8 @@ class PeqaQuantize(ConversionOps):
         result = {}
         for param_name, value in input_dict.items():
             weight = value[0] if isinstance(value, list) else value
-            # a private fp32 copy of this one layer: the search reads it ~80 times, and the loader may hand out a view
-            # into the memory-mapped checkpoint file
+            # a private fp32 copy of this one layer: the search reads it once per candidate, and the loader may hand
+            # out a view into the memory-mapped checkpoint file
             weight = weight.to(torch.float32, copy=True)
             module, _ = get_module_from_name(model, param_name)
             prefix = param_name[: -len(_PLACEHOLDER)]
@@ -164,6 +166,8 @@ def _replace_linears(model: nn.Module, config: PeqaQuantizationConfig, with_plac
     ]
     if config.group_size == AUTO:  # one concrete value, saved with the model's quantization_config
         config.group_size = resolve_auto_group_size([linear_shape(m)[1] for _, m in selected])
+    if config.init_method == AUTO:
+        config.init_method = resolve_auto_init_method(config.group_size)
     replaced = []
     for name, module in selected:
         out_features, in_features = linear_shape(module)

@@ -30,10 +30,13 @@ class PeqaConfig(QuantTargetsConfig):
             channel, x1.47 at group 64, x1.25 at group 32 (``benchmarks/real_models.py``). It is resolved when
             the layers are quantized and the concrete value replaces ``"auto"`` in this config (and so in the saved
             adapter, which therefore reloads onto the identical grid); already quantized layers keep their grid.
-        init_method: how ``s0``/``z0`` are chosen: ``"mse"`` minimises ``||W0 - W_hat0||_F^2`` over clipping
-            ratios, ``"minmax"`` is plain round-to-nearest over the full range.
-        search_grid: resolution of the clipping-ratio search (ratios ``1, 1 - 1/grid, ...``).
-        max_shrink: largest fraction of a group's range the search may clip away.
+        init_method: how ``s0``/``z0`` are chosen: ``"auto"`` (default) is ``"mse"`` with groups and ``"minmax"``
+            per output channel (measured on real models: see :func:`~peqa_peft.core.resolve_auto_init_method`),
+            resolved and recorded like ``group_size``; ``"mse"`` keeps, per group, the grid with the lowest
+            ``||W0 - W_hat0||_F^2`` among round-to-nearest and grids of several widths centred on the group;
+            ``"minmax"`` is plain round-to-nearest over the full range.
+        search_grid: resolution of the MSE search (grid widths ``1, 1 - 1/grid, ...`` times each group's span).
+        max_shrink: largest fraction of a group's span the search may clip away.
         train_zero_point: also train a zero-point delta ``delta_z`` per group (off in the paper).
         init_weights: ``True`` (default) starts ``delta_s`` (and ``delta_z``) at zero, so a fresh adapter reproduces
             the quantized base exactly. ``False`` starts from a random non-identity ``delta_s`` (for testing).
@@ -60,10 +63,14 @@ class PeqaConfig(QuantTargetsConfig):
             "per-output-channel scales, or input columns per scale group."
         },
     )
-    init_method: Literal["mse", "minmax"] = field(
-        default="mse", metadata={"help": "'mse' (clipping search minimising ||W - W_hat||_F^2) or 'minmax' (RTN)."}
+    init_method: Literal["auto", "mse", "minmax"] = field(
+        default="auto",
+        metadata={
+            "help": "'auto' ('mse' with groups, 'minmax' per channel), 'mse' (grid search minimising "
+            "||W - W_hat||_F^2) or 'minmax' (RTN)."
+        },
     )
-    search_grid: int = field(default=100, metadata={"help": "Resolution of the clipping-ratio search."})
+    search_grid: int = field(default=100, metadata={"help": "Resolution of the MSE grid search."})
     max_shrink: float = field(default=0.8, metadata={"help": "Largest fraction of a range the search may clip."})
     train_zero_point: bool = field(default=False, metadata={"help": "Also train a zero-point delta per group."})
     init_weights: bool = field(

@@ -26,7 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
-from ....core import QuantLinear, resolve_auto_group_size
+from ....core import QuantLinear, resolve_auto_group_size, resolve_auto_init_method
 from ....core.quantizer import AUTO
 from ..config import PeqaConfig
 from . import compressed_tensors, dense, gptq, quant_linear
@@ -61,6 +61,7 @@ def resolve_group_size(config: PeqaConfig, targets: dict[str, nn.Module]) -> Non
     is what the saved adapter records, so it reloads onto the identical grid whatever a later version's rule says.
     """
     if config.group_size != AUTO:
+        _resolve_init_method(config)
         return
     widths = [dense.in_features_of(m) for m in targets.values() if find_backend(m) is dense]
     existing = {
@@ -72,6 +73,13 @@ def resolve_group_size(config: PeqaConfig, targets: dict[str, nn.Module]) -> Non
         config.group_size = existing.pop()
     elif widths:
         config.group_size = resolve_auto_group_size(widths)
+    _resolve_init_method(config)
+
+
+def _resolve_init_method(config: PeqaConfig) -> None:
+    """``init_method="auto"`` -> the concrete method for the resolved group size (recorded like the group size)."""
+    if config.init_method == AUTO and config.group_size != AUTO:
+        config.init_method = resolve_auto_init_method(config.group_size)
 
 
 def to_quant_linear(module: nn.Module, config: PeqaConfig, key: str, stored=None) -> QuantLinear:
