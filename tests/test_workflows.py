@@ -210,21 +210,44 @@ def test_adapter_for_another_base_is_refused(tmp_path):
 
 
 def test_peqa_learning_rate_is_judged_against_the_models_scales(capsys):
-    """The CLI states the learning rate as a fraction of the median base scale (AdamW moves each scale by about the
-    learning rate per step) and warns above PEQA_MAX_RELATIVE_LR, suggesting a rate for this model's scales."""
+    """The CLI relates the learning rate to the median base scale (AdamW moves each scale by about the learning rate
+    per step): the default becomes PEQA_SUGGESTED_RELATIVE_LR of the median scale where that is smaller, a rate the
+    user set is kept, with a warning above PEQA_MAX_RELATIVE_LR suggesting that value."""
     import warnings
 
     from peft import get_peft_model
 
-    from peqa_peft import PeqaConfig
+    from peqa_peft import PeqaConfig, QuantLinear
     from peqa_peft.workflows import train as train_module
 
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(DEMO_LLAMA), PeqaConfig(init_method="minmax", task_type="CAUSAL_LM")
     )
+
+    def config(**kwargs):
+        return train_module.TrainConfig(model=str(DEMO_LLAMA), method="peqa", output_dir="unused", **kwargs)
+
+    median = torch.cat([m.scale.abs().flatten() for m in model.modules() if isinstance(m, QuantLinear)]).median()
+    fitted = train_module.PEQA_SUGGESTED_RELATIVE_LR * median.item()
+    assert fitted < train_module.DEFAULT_LR["peqa"]  # the demo's scales: 2e-4 would be ~2% of them
+    default = config()
+    assert default.learning_rate == train_module.DEFAULT_LR["peqa"] and default.learning_rate_is_default
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train_module._check_peqa_learning_rate(model, 2e-4)  # the default: ~2% of the demo's scales, no warning
-    assert "of the median base scale" in capsys.readouterr().err
-    with pytest.warns(UserWarning, match=r"learning rate 0.002 is \d+\.\d% .*Consider a learning rate of \d.*--lr"):
-        train_module._check_peqa_learning_rate(model, 2e-3)
+        train_module.fit_peqa_learning_rate(model, default)
+    assert default.learning_rate == pytest.approx(fitted, rel=0.05)  # rounded to 2 digits
+    assert "instead of the default 0.0002" in capsys.readouterr().err
+    explicit = config(learning_rate=2e-4)
+    with pytest.warns(UserWarning, match=r"learning rate 0.0002 is \d+\.\d% .*Consider a learning rate of \d.*--lr"):
+        train_module.fit_peqa_learning_rate(model, explicit)
+    assert explicit.learning_rate == 2e-4 and "of the median base scale" in capsys.readouterr().err
+    # scales 10x larger (as SmolLM2's against the demo's): the default 2e-4 is kept, without a warning
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, QuantLinear):
+                layer.scale.mul_(10)
+    kept = config()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_module.fit_peqa_learning_rate(model, kept)
+    assert kept.learning_rate == train_module.DEFAULT_LR["peqa"]

@@ -106,7 +106,8 @@ def add_train_parser(sub) -> None:
         dest="learning_rate",
         type=_positive_float,
         default=None,
-        help=f"learning rate (defaults: {DEFAULT_LR})",
+        help=f"learning rate (defaults: {DEFAULT_LR}; PEQA's is lowered to 0.4%% of the model's median base scale "
+        "where that is smaller)",
     )
     p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--grad-accum", type=_positive, default=1)
