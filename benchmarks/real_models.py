@@ -336,7 +336,7 @@ def tune(row: str, model_dir: Path, args, out_dir: Path):
     from transformers import AutoTokenizer, set_seed
 
     from peqa_peft.workflows.data import load_instruction_dataset
-    from peqa_peft.workflows.train import build_trainer, fit_peqa_learning_rate
+    from peqa_peft.workflows.train import build_trainer, fit_learning_rate
 
     cfg = train_config(row, model_dir, args, out_dir)
     dataset = load_instruction_dataset(cfg.dataset, max_samples=cfg.max_samples, seed=cfg.seed)
@@ -347,8 +347,7 @@ def tune(row: str, model_dir: Path, args, out_dir: Path):
         tokenizer.pad_token = tokenizer.eos_token
     set_seed(cfg.seed)
     model = tuning_model(row, cfg, args)
-    if cfg.method == "peqa":
-        fit_peqa_learning_rate(model, cfg)  # as `peqa-peft train` does: a default too large for the scales is lowered
+    fit_learning_rate(model, cfg)  # as `peqa-peft train` does: a default too large for this model is lowered
     before = state_snapshot(model)
     trainer = build_trainer(cfg, model, tokenizer, dataset)
     result = trainer.train()

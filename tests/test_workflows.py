@@ -217,8 +217,12 @@ def test_peqa_learning_rate_is_judged_against_the_models_scales(capsys):
 
     from peft import get_peft_model
 
-    from peqa_peft import PeqaConfig, QuantLinear
+    from peqa_peft import PeqaConfig, QftConfig, QuantLinear
     from peqa_peft.workflows import train as train_module
+
+    def demo_linears():  # the float demo model's linear layers but the head (what QFT's rule samples)
+        demo = AutoModelForCausalLM.from_pretrained(DEMO_LLAMA)
+        return [m for n, m in demo.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
 
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(DEMO_LLAMA), PeqaConfig(init_method="minmax", task_type="CAUSAL_LM")
@@ -234,12 +238,12 @@ def test_peqa_learning_rate_is_judged_against_the_models_scales(capsys):
     assert default.learning_rate == train_module.DEFAULT_LR["peqa"] and default.learning_rate_is_default
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train_module.fit_peqa_learning_rate(model, default)
+        train_module.fit_learning_rate(model, default)
     assert default.learning_rate == pytest.approx(fitted, rel=0.05)  # rounded to 2 digits
     assert "instead of the default 0.0002" in capsys.readouterr().err
     explicit = config(learning_rate=2e-4)
-    with pytest.warns(UserWarning, match=r"learning rate 0.0002 is \d+\.\d% .*Consider a learning rate of \d.*--lr"):
-        train_module.fit_peqa_learning_rate(model, explicit)
+    with pytest.warns(UserWarning, match=r"learning rate 0.0002 is \d+\.\d+% .*Consider a learning rate of \d.*--lr"):
+        train_module.fit_learning_rate(model, explicit)
     assert explicit.learning_rate == 2e-4 and "of the median base scale" in capsys.readouterr().err
     # scales 10x larger (as SmolLM2's against the demo's): the default 2e-4 is kept, without a warning
     with torch.no_grad():
@@ -249,5 +253,12 @@ def test_peqa_learning_rate_is_judged_against_the_models_scales(capsys):
     kept = config()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train_module.fit_peqa_learning_rate(model, kept)
+        train_module.fit_learning_rate(model, kept)
     assert kept.learning_rate == train_module.DEFAULT_LR["peqa"]
+    # QFT: IntLion moves each weight by about the learning rate, so its default follows the median |weight|
+    qft = get_peft_model(AutoModelForCausalLM.from_pretrained(DEMO_LLAMA), QftConfig(task_type="CAUSAL_LM"))
+    qft_default = train_module.TrainConfig(model=str(DEMO_LLAMA), method="qft", output_dir="unused")
+    train_module.fit_learning_rate(qft, qft_default)
+    dense = torch.cat([m.weight.abs().flatten() for m in demo_linears()]).median().item()
+    assert qft_default.learning_rate == pytest.approx(train_module.QFT_SUGGESTED_RELATIVE_LR * dense, rel=0.1)
+    assert qft_default.learning_rate < train_module.DEFAULT_LR["qft"] and "median |weight|" in capsys.readouterr().err
