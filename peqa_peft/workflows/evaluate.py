@@ -122,7 +122,7 @@ def load_for_eval(
     dtype: torch.dtype = torch.float32,
     load_in_4bit: bool = False,
 ):
-    """A model to evaluate: the base, the base quantized to ``bits`` (RTN by default), or base + ``adapter``.
+    """A model to evaluate: the base, the base quantized to ``bits`` (PEQA's default init), or base + ``adapter``.
 
     Returns ``(model, tokenizer)``. A PEQA adapter re-quantizes the base exactly as it was trained (its fingerprint
     is checked); ``bits`` alone evaluates the plain quantized base (a fresh, identity PEQA adapter);

@@ -26,8 +26,9 @@ class PeqaConfig(QuantTargetsConfig):
             measured on LLaMA-7B..65B), or the number of input columns sharing a scale (e.g. 32, 64, 128; must divide
             every targeted layer's ``in_features``). ``"auto"`` is group 32 when 32 divides every targeted layer's
             ``in_features`` (real LLMs), else per output channel for the whole model (e.g. the bundled demo model's
-            688-wide ``down_proj``); on SmolLM2-135M the 4-bit initialization costs x2.8 WikiText-2 perplexity per
-            channel, x1.47 at group 64, x1.25 at group 32 (``benchmarks/real_models.py``). It is resolved when
+            688-wide ``down_proj``); at the default init the 4-bit initialization costs x1.73 WikiText-2 perplexity
+            per channel, x1.38 at group 64 and x1.16 at group 32 on SmolLM2-135M, x2.51 / x1.27 / x0.99 on Gemma 3
+            270M (``benchmarks/real_models.py``). It is resolved when
             the layers are quantized and the concrete value replaces ``"auto"`` in this config (and so in the saved
             adapter, which therefore reloads onto the identical grid); already quantized layers keep their grid.
         init_method: how ``s0``/``z0`` are chosen: ``"auto"`` (default) is ``"mse"`` with groups and ``"minmax"``
