@@ -75,3 +75,27 @@ def test_gptq_hessian_weights_each_windows_first_token():
     torch.testing.assert_close(hessians[name], expected, rtol=1e-5, atol=1e-6)
     plain = real_models.collect_hessians(model, ids)  # weight 1: plain GPTQ's average
     torch.testing.assert_close(plain[name], 2 * x.t() @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+
+
+# 8-bit symmetric, every layer: PEQA re-quantizing the float base (4-bit asymmetric) gives other logits
+ADOPT_FIXTURE = REPO / "tests" / "fixtures" / "compressed_tensors" / "aidreams260K-llama-hf-w8-sym-channel-rtn"
+
+
+@pytest.mark.skipif(not (ADOPT_FIXTURE / "writer.json").exists(), reason="compressed-tensors fixture missing")
+def test_adopt_rows_take_the_checkpoints_own_codes():
+    """An ``--adopt DIR`` row is the checkpoint adopted by PEQA in its own codes (the writer's logits, the layers'
+    own grid), with the writer and calibration named in the row's notes; not a re-quantization of its weights."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from peqa_peft.tuners.peqa import PeqaLayer
+
+    model, info = real_models.adopted_checkpoint(ADOPT_FIXTURE)
+    meta = json.loads((ADOPT_FIXTURE / "writer.json").read_text())
+    ref = load_file(ADOPT_FIXTURE / "writer_logits.safetensors")
+    layers = [m for m in model.modules() if isinstance(m, PeqaLayer)]
+    assert layers and {m.get_base_layer().bits for m in layers} == {meta["bits"]}
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["input_ids"]).logits, ref["logits"], rtol=1e-5, atol=1e-5)
+    assert info["source"] == ADOPT_FIXTURE.name and info["writer"].startswith("llm-compressor ")
