@@ -5,7 +5,7 @@
 On the bundled demo Llama, for each bit width (per output channel, asymmetric):
 
 - ``rtn``: PEQA's own round-to-nearest (``PeqaConfig(init_method="minmax")``),
-- ``mse``: PEQA's default, RTN with a clipping search minimising ``||W - W_hat||_F^2``,
+- ``mse``: PEQA's MSE search (``init_method="mse"``, the default with groups), minimising ``||W - W_hat||_F^2``,
 - ``gptq``: llm-compressor's GPTQ (the checkpoint ``outputs/ct-checkpoints/demo-llama-w{b}-asym-channel-gptq``,
   written by ``scripts/make_quantized_checkpoints.py`` in llm-compressor's venv, calibrated on 32 x 256 tokens of
   WikiText-2 *validation*), adopted as PEQA's base,
@@ -14,9 +14,9 @@ WikiText-2 test perplexity (256-token windows, the model's training context) is 
 PEQA adaptation: ``--steps`` AdamW steps (lr 1e-3) of next-token loss on batches of 4 x 256 tokens of WikiText-2
 validation text, scales only. Prints a Markdown table.
 
-These are toy-model results. On a real model (SmolLM2-135M, ``benchmarks/real_models.py``, 4-bit group 32, before
-tuning) MSE-clipped RTN also beats plain RTN and GPTQ (WikiText-2 38.28 vs 39.48 and 39.26, fp32 30.64); see
-``docs_snippets/realmodels.md`` for what was not measured.
+These are toy-model results (recorded with the clipping-only MSE search of before 2026-12-07). On the real models
+(``benchmarks/real_models.py``, docs/guides/real-models.md) RTN beats MSE per channel, and at 4-bit group 32 the MSE
+search and GPTQ are close (SmolLM2-135M WikiText-2 35.46 vs 35.12, fp32 30.64).
 """
 
 from __future__ import annotations

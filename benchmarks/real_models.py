@@ -15,7 +15,7 @@ model we can measure.
 
 Init sweep (``--configs``, ids ``<bits>-<group>-<init>``, shell-style patterns allowed, e.g. ``'4-*-*'``):
 bits 4/3/2 x group ``ch`` (per output channel) / ``g128`` / ``g64`` / ``g32`` x init ``rtn`` (PEQA's
-``init_method="minmax"``), ``mse`` (``"mse"``, the clipping search) or ``gptq`` (GPTQ, implemented here: Hessians of
+``init_method="minmax"``), ``mse`` (``"mse"``, the MSE grid search) or ``gptq`` (GPTQ, implemented here: Hessians of
 every linear layer's inputs from one pass of the float model over ``--calib-windows`` x ``--seq-len`` tokens of
 WikiText-2 *validation* (never the test split), each window's first token (the attention sink) weighted
 ``--gptq-sink-weight`` (16; plain GPTQ: 1, see :func:`collect_hessians`), then the GPTQ column-by-column solve with

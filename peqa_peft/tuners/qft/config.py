@@ -38,7 +38,7 @@ class QftConfig(QuantTargetsConfig):
             at 2 ranks, half at 4, none saved from ~8 ranks on; the stored gradient's error grows from ~1.0% to
             ~1.3%: ``benchmarks/qft_grad_allreduce.py``). Ranks stay bit-identical either way.
         init_method: how the int8 grid is chosen: ``"minmax"`` (full range of the non-outlier entries) or ``"mse"``
-            (clipping search of :func:`peqa_peft.core.compute_qparams`).
+            (the MSE search of :func:`peqa_peft.core.compute_qparams`).
         target_modules: module names / regex / ``"all-linear"`` (the default when ``None``: every linear layer but
             the output head, which ``full_parameter`` adds). ``nn.Linear``, transformers' ``Conv1D`` and
             ``nn.Embedding`` are supported.
