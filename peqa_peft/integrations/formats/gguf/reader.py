@@ -37,7 +37,6 @@ set again whenever the base is loaded again (``load_gguf`` then ``PeftModel.from
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import os
 import warnings
@@ -79,24 +78,11 @@ class GGUFSource:
     tensors: list[GGUFTensorRef] = field(default_factory=list)
     dtype: torch.dtype = torch.float32  # the dtype load_gguf gave the float tensors
     processor_config: dict = field(default_factory=dict)  # what transformers' tensor processor was built with
-    _reader: Any = field(default=None, repr=False, compare=False)
-
-    def __deepcopy__(self, memo):
-        # A copied model (copy.deepcopy(model)) re-opens the file when it needs it: deep-copying the reader would
-        # read the whole memory-mapped file into RAM and leave a copy without a file name.
-        copied = copy.copy(self)
-        copied.tensors = list(self.tensors)
-        copied.processor_config = copy.deepcopy(self.processor_config, memo)
-        copied._reader = None
-        return copied
 
     def reader(self):
-        """gguf-py's ``GGUFReader`` of the source file (memory-mapped): the one :func:`load_gguf` is using while it
-        runs, else a new one that the caller drops when done. It is not kept with the model: its parsed header (a
-        Python object per vocabulary entry and merge) held ~150 MB for SmolLM2's 49k-token vocabulary, as much as
-        the adopted 4-bit layers themselves."""
-        if self._reader is not None:
-            return self._reader
+        """A new gguf-py ``GGUFReader`` of the source file (memory-mapped), for the caller to drop when done. None is
+        kept with the model: its parsed header (a Python object per vocabulary entry and merge) held ~150 MB for
+        SmolLM2's 49k-token vocabulary, as much as the adopted 4-bit layers themselves."""
         import gguf
 
         return gguf.GGUFReader(self.path)
@@ -311,7 +297,7 @@ def load_gguf(
     config.name_or_path = str(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    source = GGUFSource(str(path), architecture, dtype=dtype, processor_config=parsed, _reader=reader)
+    source = GGUFSource(str(path), architecture, dtype=dtype, processor_config=parsed)
     processor = source.processor()
     with _shared_reader(reader):
         mapping = get_gguf_hf_weights_map(model, processor)
@@ -383,7 +369,6 @@ def load_gguf(
             stacklevel=2,
         )
     source.tensors = refs
-    source._reader = None  # re-opened on demand (export, tokenizer): see GGUFSource.reader
     setattr(model, SOURCE_ATTRIBUTE, source)
     return model.eval()
 
