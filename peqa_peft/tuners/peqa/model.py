@@ -112,6 +112,7 @@ class PeqaModel(QuantTunerMixin, BaseTuner):
             )
         targets.update(adopted)
         backends.resolve_group_size(config, targets)
+        backends.resolve_init_method(config)
         for key, module in targets.items():
             if not isinstance(module, PeqaLayer):
                 backends.check_target(module, config, key)

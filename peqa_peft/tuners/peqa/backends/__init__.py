@@ -61,7 +61,6 @@ def resolve_group_size(config: PeqaConfig, targets: dict[str, nn.Module]) -> Non
     is what the saved adapter records, so it reloads onto the identical grid whatever a later version's rule says.
     """
     if config.group_size != AUTO:
-        _resolve_init_method(config)
         return
     widths = [dense.in_features_of(m) for m in targets.values() if find_backend(m) is dense]
     existing = {
@@ -73,11 +72,10 @@ def resolve_group_size(config: PeqaConfig, targets: dict[str, nn.Module]) -> Non
         config.group_size = existing.pop()
     elif widths:
         config.group_size = resolve_auto_group_size(widths)
-    _resolve_init_method(config)
 
 
-def _resolve_init_method(config: PeqaConfig) -> None:
-    """``init_method="auto"`` -> the concrete method for the resolved group size (recorded like the group size)."""
+def resolve_init_method(config: PeqaConfig) -> None:
+    """Replace ``init_method="auto"`` by the concrete method for the resolved group size (recorded like it)."""
     if config.init_method == AUTO and config.group_size != AUTO:
         config.init_method = resolve_auto_init_method(config.group_size)
 
@@ -202,5 +200,6 @@ __all__ = [
     "find_backend",
     "resolve_all_linear",
     "resolve_group_size",
+    "resolve_init_method",
     "to_quant_linear",
 ]
