@@ -1,6 +1,7 @@
 """QFT's chunked fast paths against plain dense PyTorch references (forward, every gradient, the IntLion update)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -120,3 +121,35 @@ def test_float_params_update_matches_dense_reference(chunk):
         ref = ref * (1 - 0.01 * 0.1) - 0.01 * d
         optimizer.step()
         assert torch.allclose(p.detach(), ref, atol=1e-7)
+
+
+@pytest.mark.parametrize("int8", [True, False])
+def test_compiled_dequantize_and_gradient_quantizer_equal_eager(monkeypatch, int8):
+    """The forward/backward's compiled passes (float32 chunks: dequantize; int8 gradient rows: quantize) give the
+    eager ops' bits: outputs, input gradient and weight gradient of a linear, a row of negligible gradient included."""
+    from peqa_peft.core import kernels
+
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 300)  # several chunks of different shapes
+    monkeypatch.setattr(kernels, "COMPILE_MIN_WEIGHTS", 1)  # small enough to compile in a test
+    monkeypatch.setattr(kernels, "_mode", "compiled")
+    monkeypatch.setattr(kernels, "_compiled", {})
+
+    def run(mode: str):
+        weight = _weight(int8=int8)
+        x = torch.randn(3, 5, 29, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        upstream = torch.randn(3, 5, 37, generator=torch.Generator().manual_seed(2))
+        upstream[..., 4] *= 1e-33  # weight-gradient row 4 falls below GRAD_ROW_FLOOR
+        with kernels.kernels(mode), warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a failed compile (silent eager fallback) fails the test
+            y = qft_linear(x, weight)
+            y.backward(upstream)
+        grad = weight.grad
+        return [y, x.grad] + ([grad.codes, grad.scale] if int8 else [grad])
+
+    eager = run("eager")
+    compiled = run("compiled")
+    assert {"qft_dequant_rows"} | ({"qft_grad_rows"} if int8 else set()) <= set(kernels._compiled)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    if int8:
+        assert not eager[2][4].any()  # the negligible row is stored as zero

@@ -17,10 +17,12 @@ def _table(rows: int = 40, dim: int = 24, outliers: float = 0.02, int8_grad: boo
     return QftWeight.from_float(torch.randn(rows, dim), outlier_fraction=outliers, int8_grad=int8_grad)
 
 
+@pytest.mark.parametrize("synced", [False, True], ids=["touched-rows", "ddp-chunks"])
 @pytest.mark.parametrize("padding_idx", [None, 3])
-def test_embedding_lookup_and_gradient_match_the_dense_reference(padding_idx, monkeypatch):
+def test_embedding_lookup_and_gradient_match_the_dense_reference(padding_idx, synced, monkeypatch):
     monkeypatch.setattr("peqa_peft.core.qft.embedding.row_chunks", lambda rows, cols: [(0, 7), (7, 30), (30, rows)])
     weight = nn.Parameter(_table(int8_grad=False), requires_grad=True)
+    weight.sync_grads = "fp32" if synced else False  # the DDP path (one process here: the average is the chunk)
     ids = torch.tensor([[1, 3, 3, 39], [0, 7, 7, 30]])
     dense = weight.dequantize().clone().requires_grad_(True)
     ref = nn.functional.embedding(ids, dense, padding_idx=padding_idx)
@@ -34,8 +36,10 @@ def test_embedding_lookup_and_gradient_match_the_dense_reference(padding_idx, mo
         assert not weight.grad[padding_idx].any()
 
 
-def test_embedding_int8_gradient_is_the_quantized_reference():
+@pytest.mark.parametrize("synced", [False, True], ids=["touched-rows", "ddp-chunks"])
+def test_embedding_int8_gradient_is_the_quantized_reference(synced):
     weight = nn.Parameter(_table(int8_grad=True), requires_grad=True)
+    weight.sync_grads = "fp32" if synced else False
     ids = torch.tensor([5, 5, 9, 0, 39])
     dense = weight.dequantize().clone().requires_grad_(True)
     upstream = torch.randn(5, 24)

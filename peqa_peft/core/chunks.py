@@ -6,10 +6,13 @@ import math
 from collections.abc import Iterator
 
 # Weight-sized work (dequantize, weight gradient + its int8 quantization, the optimizer update) runs over row chunks
-# of about this many entries: every temporary of a chunk stays in the CPU's L2 cache and comes from the allocator's
-# free lists, instead of each elementwise pass streaming a fresh weight-sized tensor through memory (page faults
-# included). Measured by benchmarks/qft_speed.py; the results do not depend on it (tests vary it).
-CHUNK_ELEMENTS = 1 << 18
+# of about this many entries, so that no weight-sized float temporary exists (a chunk's are 4 MiB in float32). The
+# size trades the matmul's efficiency (a chunk of a 2048-wide weight is 512 rows: small row counts make the chunked
+# products slower than one dense product) against cache reuse of the elementwise passes (compiled into single
+# passes, see peqa_peft.core.kernels). Measured at hidden 2048 (Xeon with AMX, one thread, steps interleaved in one
+# process): 256 Ki -> 1 Mi entries cut the QFT step by ~15%; 2-4 Mi slow the update again. The results do not depend
+# on it (tests vary it).
+CHUNK_ELEMENTS = 1 << 20
 
 
 def row_chunks(rows: int, row_len: int, align: int = 1) -> Iterator[tuple[int, int]]:

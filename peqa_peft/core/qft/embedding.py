@@ -2,8 +2,9 @@
 
 An embedding is a ``(num_embeddings, embedding_dim)`` weight whose forward only *reads* rows: so the forward
 dequantizes just the distinct rows the batch looks up, never the whole ``vocab x hidden`` float matrix, and the
-backward scatters the output gradient into one cache-sized chunk of vocabulary rows at a time, quantizing each chunk
-to int8 (``Int8Grad``) as soon as it is complete. Only the rows a batch touches get a non-zero gradient.
+backward sums the output gradient into the rows the batch touched and quantizes just those (``Int8Grad``'s scales
+are per row); every other row's gradient is zero. Under DDP gradient sync it goes one cache-sized chunk of
+vocabulary rows at a time instead, so that every rank joins every chunk's all-reduce.
 """
 
 from __future__ import annotations
@@ -36,12 +37,25 @@ def dequantize_row_index(weight: QftWeight, rows: torch.Tensor, dtype: torch.dty
 def _weight_grad(
     ids: torch.Tensor, grad_out: torch.Tensor, weight: QftWeight, padding_idx: Optional[int]
 ) -> torch.Tensor:
-    """The embedding's weight gradient (``Int8Grad`` or float), built over row chunks of the vocabulary."""
+    """The embedding's weight gradient (``Int8Grad`` or float): the rows a batch touches, every other row zero."""
     ids = ids.reshape(-1)
     go = grad_out.reshape(-1, grad_out.shape[-1]).float()
     if padding_idx is not None:  # nn.Embedding: the padding row gets no gradient
         keep = ids != padding_idx
         ids, go = ids[keep], go[keep]
+    if getattr(weight, "sync_grads", False):
+        return _synced_weight_grad(ids, go, weight)
+    rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    touched = torch.zeros(rows.numel(), weight.shape[1], dtype=torch.float32, device=go.device)
+    touched.index_add_(0, inverse, go)
+    grad = GradientRows(weight.shape, weight.int8_grad, go.device, weight.dtype, zero=True)
+    grad.put_index_(rows, touched)  # the gradient is quantized per row: only the touched rows need it
+    return grad.result()
+
+
+def _synced_weight_grad(ids: torch.Tensor, go: torch.Tensor, weight: QftWeight) -> torch.Tensor:
+    """The weight gradient averaged over DDP ranks, one row chunk at a time: every rank takes part in every chunk's
+    all-reduce whichever rows its own batch touched (ranks touch different rows)."""
     ids, order = torch.sort(ids)
     go = go[order]
     rows, cols = weight.shape

@@ -15,7 +15,7 @@ import torch
 from ..chunks import row_chunks
 from ..memory import tensor_bytes
 from .dispatch import NOT_HANDLED, IntegerTensor
-from .grad import quantize_grad_rows
+from .grad import ZERO_ROW_SCALE, quantize_grad_rows
 
 aten = torch.ops.aten
 
@@ -179,13 +179,20 @@ class GradientRows:
     one and ``Int8Grad``'s sum uses it; in the quantizer's module the two would import each other.)
     """
 
-    def __init__(self, shape: torch.Size, int8: bool, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, shape: torch.Size, int8: bool, device: torch.device, dtype: torch.dtype, zero: bool = False
+    ) -> None:
+        """``zero``: start from the zero gradient (what :func:`quantize_grad_rows` gives an all-zero row) instead of
+        uninitialized rows that every ``put_`` must cover."""
         self.int8, self.dtype = int8, dtype
+        new = torch.zeros if zero else torch.empty
         if int8:
-            self.codes = torch.empty(shape, dtype=torch.int8, device=device)
-            self.scale = torch.empty(shape[0], 1, dtype=torch.float32, device=device)
+            self.codes = new(shape, dtype=torch.int8, device=device)
+            self.scale = new(shape[0], 1, dtype=torch.float32, device=device)
+            if zero:
+                self.scale.fill_(ZERO_ROW_SCALE)
         else:
-            self.grad = torch.empty(shape, dtype=dtype, device=device)
+            self.grad = new(shape, dtype=dtype, device=device)
 
     def put_(self, r0: int, r1: int, chunk: torch.Tensor) -> None:
         """Store rows ``r0:r1`` of the gradient (``chunk``, float)."""
@@ -193,6 +200,13 @@ class GradientRows:
             self.codes[r0:r1], self.scale[r0:r1] = quantize_grad_rows(chunk)
         else:
             self.grad[r0:r1] = chunk
+
+    def put_index_(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the gradient rows ``rows`` (1-D indices; ``values``: those rows, float)."""
+        if self.int8:
+            self.codes[rows], self.scale[rows] = quantize_grad_rows(values)
+        else:
+            self.grad[rows] = values.to(self.dtype)
 
     def result(self) -> torch.Tensor:
         return Int8Grad(self.codes, self.scale, self.dtype) if self.int8 else self.grad

@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .. import kernels
 from ..memory import tensor_bytes
 from ..quantizer import quantize_weight
 from . import fsdp_ops, hooks
@@ -33,6 +34,12 @@ WEIGHT_FIELDS = ("codes", "scale", "zero_point", "outlier_idx", "outlier_val")
 def _index_dtype(numel: int) -> torch.dtype:
     # int32 indices halve the outlier index bytes; only layers with >= 2^31 entries need int64.
     return torch.int32 if numel < 2**31 else torch.int64
+
+
+def _dequantize_dense(codes, zero, scale, dtype: torch.dtype) -> torch.Tensor:
+    """``scale * (codes - zero)`` in ``dtype``, outliers not written in (they are sparse: an index write after)."""
+    # uint8 - float promotes: the codes are read once, no separate cast pass (eager)
+    return torch.sub(codes, zero.to(dtype)).mul_(scale.to(dtype))
 
 
 class QftWeight(IntegerTensor):
@@ -131,10 +138,16 @@ class QftWeight(IntegerTensor):
         return lo, hi
 
     def dequantize_rows(self, r0: int, r1: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Rows ``r0:r1`` of :meth:`dequantize` (a new tensor), computed in ``dtype`` in one pass per op."""
+        """Rows ``r0:r1`` of :meth:`dequantize` (a new tensor): one compiled pass for large float32 chunks in compiled
+        kernel mode, else op by op (the same values: a subtraction and a multiplication, each rounded once)."""
         dtype = dtype or self.dtype
-        w = self.codes[r0:r1].to(dtype)
-        w.sub_(self.zero_point[r0:r1].to(dtype)).mul_(self.scale[r0:r1].to(dtype))
+        codes, zero, scale = self.codes[r0:r1], self.zero_point[r0:r1], self.scale[r0:r1]
+        w = None
+        # float32 only: a compiled kernel keeps a lower-precision intermediate in float32, eager rounds it
+        if dtype == torch.float32 and kernels.compiles(codes.numel()):
+            w = kernels.run_compiled("qft_dequant_rows", _dequantize_dense, codes, zero, scale, dtype)
+        if w is None:
+            w = _dequantize_dense(codes, zero, scale, dtype)
         lo, hi = self.outlier_range(r0, r1)
         if hi > lo:
             local = self.outlier_idx[lo:hi].long() - r0 * self.shape[1]
