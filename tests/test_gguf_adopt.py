@@ -9,6 +9,7 @@ quantizer (tests/gguf_fixtures.py).
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 
@@ -324,11 +325,24 @@ def test_smollm2_logits_equal_transformers_gguf_loader(smol, smol_path):
 LLAMA_CPP_MARGIN = 1.0
 LLAMA_CPP_MEAN_DIFF = 0.5
 LLAMA_CPP_MIN_AGREEMENT = 0.75
+# Free generation: llama.cpp continues each prompt greedily; at every generated position our model, given the same
+# prefix, must pick llama.cpp's token unless our top-2 margin is within llama.cpp's rounding (a near-tie, after which
+# the two texts may go different ways). Measured on the unmodified file, 4 prompts x 32 tokens: llama.cpp's free text
+# equals ours for 32, 31, 13 and 5 tokens, every divergence at a margin below 0.3.
+GREEDY_TOKENS = 24
+GREEDY_PROMPTS = (
+    "### Instruction:\nGive three tips for staying healthy.\n\n### Response:\n",
+    "Once upon a time,",
+    "The capital of France is",
+    "def fibonacci(n):",
+)
 
 
-def _teacher_forced_llama_cpp(files: dict, ids: list[int], tmp_path) -> dict:
-    """llama.cpp's logits for ``ids`` under each file, computed in a process that never imports peqa_peft."""
+def _teacher_forced_llama_cpp(files: dict, ids: list[int], tmp_path, prompts: list[list[int]] = ()) -> dict:
+    """llama.cpp's logits for ``ids`` under each file, and its free greedy continuation (``GREEDY_TOKENS`` tokens) of
+    each of ``prompts`` under the last file (key ``"greedy"``), computed in a process that never imports peqa_peft."""
     outputs = {name: str(tmp_path / f"{name}.npy") for name in files}
+    greedy_out = str(tmp_path / "greedy.json")
     run_fresh(
         LLAMA_CPP_OPEN
         + f"""
@@ -338,12 +352,21 @@ for name, path in {dict((k, str(v)) for k, v in files.items())!r}.items():
     llm = open_llama(path, n_ctx=256, n_batch=256, logits_all=True)
     llm.eval({ids!r})
     np.save({outputs!r}[name], np.array(llm.scores[: {len(ids)}], dtype=np.float32))
+    generated = []
+    for prompt in {[list(p) for p in prompts]!r}:
+        llm.reset()
+        generated.append(greedy(llm, prompt, {GREEDY_TOKENS}))
     llm.close()
+with open({greedy_out!r}, "w") as f:
+    json.dump(generated, f)
 print(json.dumps({{"ok": True}}))
 """,
         tmp_path,
     )
-    return {name: np.load(path) for name, path in outputs.items()}
+    result = {name: np.load(path) for name, path in outputs.items()}
+    with open(greedy_out) as f:
+        result["greedy"] = json.load(f)
+    return result
 
 
 def _assert_llama_cpp_agrees(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
@@ -356,11 +379,28 @@ def _assert_llama_cpp_agrees(ours: np.ndarray, theirs: np.ndarray, what: str) ->
     assert np.abs(ours - theirs).mean() < LLAMA_CPP_MEAN_DIFF, (what, np.abs(ours - theirs).mean())
 
 
+def _assert_greedy_text_is_ours(model, prompts: list[list[int]], generated: list[list[int]]) -> None:
+    """Every token llama.cpp generated greedily is our greedy choice for the same prefix, except at near-ties."""
+    equal = total = 0
+    with kernels("eager"), torch.no_grad():
+        for prompt, tokens in zip(prompts, generated):
+            assert len(tokens) == GREEDY_TOKENS, (prompt, tokens)
+            logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
+            top2 = logits.topk(2).values
+            ours = logits.argmax(-1)
+            same = ours == torch.tensor(tokens)
+            near_tie = (top2[:, 0] - top2[:, 1]) <= LLAMA_CPP_MARGIN
+            assert (same | near_tie).all(), (prompt, torch.nonzero(~same & ~near_tie).flatten().tolist())
+            equal, total = equal + int(same.sum()), total + len(tokens)
+    assert equal >= 0.9 * total, (equal, total)
+
+
 @pytest.mark.slow
 def test_smollm2_round_trip_through_llama_cpp(smol, smol_path, tmp_path, data_dir):
     """Unmodified file and our tuned export (adopt -> 3 AdamW steps on the scales -> export), each read by llama.cpp
-    in a process that never imports peqa_peft: llama.cpp's logits match ours (teacher-forced, see above), and for the
-    tuned file they match the tuned model far better than the untuned one, so the export carries the tuning."""
+    in a process that never imports peqa_peft: llama.cpp's logits match ours (teacher-forced, see above), for the
+    tuned file they match the tuned model far better than the untuned one, so the export carries the tuning, and the
+    text llama.cpp generates greedily from the tuned file is the tuned model's greedy text up to near-ties."""
     pytest.importorskip("llama_cpp")
     from peqa_peft.workflows.evaluate import load_eval_text
 
@@ -379,9 +419,11 @@ def test_smollm2_round_trip_through_llama_cpp(smol, smol_path, tmp_path, data_di
             with torch.no_grad():
                 tuned = model(torch.tensor([ids])).logits[0].numpy()
             out = export(model, tmp_path / "tuned", format="gguf")
+        prompts = [tokenizer(p).input_ids for p in GREEDY_PROMPTS]
+        cpp = _teacher_forced_llama_cpp({"source": smol_path, "tuned": out / "model.gguf"}, ids, tmp_path, prompts)
+        _assert_greedy_text_is_ours(model, prompts, cpp["greedy"])
     finally:
         model.unload()
-    cpp = _teacher_forced_llama_cpp({"source": smol_path, "tuned": out / "model.gguf"}, ids, tmp_path)
     _assert_llama_cpp_agrees(untuned, cpp["source"], "unmodified file")
     _assert_llama_cpp_agrees(tuned, cpp["tuned"], "tuned export")
     # the tuning moved the logits by much more than llama.cpp's rounding, and the exported file follows it
