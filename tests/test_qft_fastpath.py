@@ -153,3 +153,37 @@ def test_compiled_dequantize_and_gradient_quantizer_equal_eager(monkeypatch, int
         assert torch.equal(a, b)
     if int8:
         assert not eager[2][4].any()  # the negligible row is stored as zero
+
+
+def test_kernels_inline_into_a_users_torch_compile(monkeypatch):
+    """Under the caller's own torch.compile, the compiled passes are traced into its graph instead of being compiled
+    on their own (which fails on fake tensors and would drop the process to eager kernels, with a warning)."""
+    from peft import get_peft_model
+
+    from peqa_peft import QftConfig
+    from peqa_peft.core import kernels
+
+    monkeypatch.setattr(kernels, "COMPILE_MIN_WEIGHTS", 1)
+    monkeypatch.setattr(kernels, "_mode", "compiled")
+    monkeypatch.setattr(kernels, "_compiled", {})
+    torch.manual_seed(0)
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(29, 37), nn.ReLU(), nn.Linear(37, 11)), QftConfig(target_modules=["0", "2"])
+    )
+    x = torch.randn(2, 3, 29, generator=torch.Generator().manual_seed(1))
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        y = fn(x)
+        y.square().sum().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        return [y.detach()] + [g.codes if isinstance(g, Int8Grad) else g for g in grads]
+
+    eager = run(model.base_model.model)
+    with warnings.catch_warnings(record=True) as caught:  # recorded, not raised: Dynamo would catch an error
+        warnings.simplefilter("always")
+        traced = run(torch.compile(model.base_model.model, backend="aot_eager"))
+    assert not [str(w.message) for w in caught if "peqa_peft" in str(w.message)]
+    assert kernels.kernel_mode() == "compiled"
+    for a, b in zip(eager, traced):
+        assert torch.equal(a, b)

@@ -241,6 +241,10 @@ def _run(name: str, fn: Callable, *args, eager: Optional[Callable] = None, dynam
     would materialize what the compiled one streams (e.g. every clipping candidate of the MSE search at once).
     ``numel``: the weights the call covers, for :func:`compiles`.
     """
+    if torch.compiler.is_compiling():
+        # Traced by the caller's own torch.compile: inline the plain function into its graph (compiling a function
+        # of ours from inside a trace fails on fake tensors, and that would drop this process to eager kernels).
+        return (eager or fn)(*args)
     if compiles(numel):
         compiled = _compiled.get(name)
         if compiled is None:
