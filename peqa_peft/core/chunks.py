@@ -1,4 +1,4 @@
-"""Row chunks: how QFT's weight-sized work is cut into cache-sized pieces (shared by the weight type and IntLion)."""
+"""Row chunks: how QFT's weight-sized work is cut into pieces (shared by the weight type and IntLion)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 An embedding is a ``(num_embeddings, embedding_dim)`` weight whose forward only *reads* rows: so the forward
 dequantizes just the distinct rows the batch looks up, never the whole ``vocab x hidden`` float matrix, and the
 backward sums the output gradient into the rows the batch touched and quantizes just those (``Int8Grad``'s scales
-are per row); every other row's gradient is zero. Under DDP gradient sync it goes one cache-sized chunk of
+are per row); every other row's gradient is zero. Under DDP gradient sync it goes one chunk of
 vocabulary rows at a time instead, so that every rank joins every chunk's all-reduce.
 """
 
