@@ -348,14 +348,15 @@ def _teacher_forced_llama_cpp(files: dict, ids: list[int], tmp_path, prompts: li
         + f"""
 import gguf
 import numpy as np
+generated = []
 for name, path in {dict((k, str(v)) for k, v in files.items())!r}.items():
     llm = open_llama(path, n_ctx=256, n_batch=256, logits_all=True)
     llm.eval({ids!r})
     np.save({outputs!r}[name], np.array(llm.scores[: {len(ids)}], dtype=np.float32))
-    generated = []
-    for prompt in {[list(p) for p in prompts]!r}:
-        llm.reset()
-        generated.append(greedy(llm, prompt, {GREEDY_TOKENS}))
+    if name == {list(files)[-1]!r}:
+        for prompt in {[list(p) for p in prompts]!r}:
+            llm.reset()
+            generated.append(greedy(llm, prompt, {GREEDY_TOKENS}))
     llm.close()
 with open({greedy_out!r}, "w") as f:
     json.dump(generated, f)

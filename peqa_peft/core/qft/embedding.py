@@ -16,13 +16,12 @@ import torch
 from ..chunks import row_chunks
 from .hooks import sync_grad_chunk_
 from .int8_grad import GradientRows
-from .weight import QftWeight
+from .weight import QftWeight, dequantize_codes
 
 
 def dequantize_row_index(weight: QftWeight, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rows ``rows`` (sorted, distinct, 1-D) of ``weight.dequantize()``, outliers included, as a new tensor."""
-    out = weight.codes[rows].to(dtype)
-    out.sub_(weight.zero_point[rows].to(dtype)).mul_(weight.scale[rows].to(dtype))
+    out = dequantize_codes(weight.codes[rows], weight.zero_point[rows], weight.scale[rows], dtype)
     if weight.outlier_idx.numel():
         # Each looked-up row's outliers are one slice of the sorted flat index: find the slices' bounds (two binary
         # searches per row) instead of scanning every outlier of the vocabulary (1% of it) at each lookup.

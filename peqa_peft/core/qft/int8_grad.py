@@ -188,9 +188,12 @@ class GradientRows:
         new = torch.zeros if zero else torch.empty
         if int8:
             self.codes = new(shape, dtype=torch.int8, device=device)
-            self.scale = new(shape[0], 1, dtype=torch.float32, device=device)
-            if zero:
-                self.scale.fill_(ZERO_ROW_SCALE)
+            rows = (shape[0], 1)
+            self.scale = (
+                torch.full(rows, ZERO_ROW_SCALE, dtype=torch.float32, device=device)
+                if zero
+                else torch.empty(rows, dtype=torch.float32, device=device)
+            )
         else:
             self.grad = new(shape, dtype=dtype, device=device)
 

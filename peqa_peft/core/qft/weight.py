@@ -36,8 +36,9 @@ def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
-def _dequantize_dense(codes, zero, scale, dtype: torch.dtype) -> torch.Tensor:
-    """``scale * (codes - zero)`` in ``dtype``, outliers not written in (they are sparse: an index write after)."""
+def dequantize_codes(codes, zero, scale, dtype: torch.dtype) -> torch.Tensor:
+    """``scale * (codes - zero)`` of some rows' codes in ``dtype``, outliers not written in (they are sparse: the
+    caller writes them after)."""
     # uint8 - float promotes: the codes are read once, no separate cast pass (eager)
     return torch.sub(codes, zero.to(dtype)).mul_(scale.to(dtype))
 
@@ -145,9 +146,9 @@ class QftWeight(IntegerTensor):
         w = None
         # float32 only: a compiled kernel keeps a lower-precision intermediate in float32, eager rounds it
         if dtype == torch.float32 and kernels.compiles(codes.numel()):
-            w = kernels.run_compiled("qft_dequant_rows", _dequantize_dense, codes, zero, scale, dtype)
+            w = kernels.run_compiled("qft_dequant_rows", dequantize_codes, codes, zero, scale, dtype)
         if w is None:
-            w = _dequantize_dense(codes, zero, scale, dtype)
+            w = dequantize_codes(codes, zero, scale, dtype)
         lo, hi = self.outlier_range(r0, r1)
         if hi > lo:
             local = self.outlier_idx[lo:hi].long() - r0 * self.shape[1]
@@ -241,4 +242,4 @@ for _op, _handler in fsdp_ops.HANDLERS.items():
     QftWeight.implements(_op)(_handler)
 
 
-__all__ = ["WEIGHT_BITS", "WEIGHT_FIELDS", "QftWeight"]
+__all__ = ["WEIGHT_BITS", "WEIGHT_FIELDS", "QftWeight", "dequantize_codes"]
