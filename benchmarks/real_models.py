@@ -20,9 +20,12 @@ every linear layer's inputs from one pass of the float model over ``--calib-wind
 WikiText-2 *validation* (never the test split), each window's first token (the attention sink) weighted
 ``--gptq-sink-weight`` (16; plain GPTQ: 1, see :func:`collect_hessians`), then the GPTQ column-by-column solve with
 1% dampening and a min-max grid per group found on the error-updated weights; its codes/scales/zero-points are
-written into PEQA's quantized base). ``--adopt DIR ...`` adds untuned rows ``adopt-<dir>``: compressed-tensors
-checkpoints of the fp32 model written by llm-compressor (scripts/make_quantized_checkpoints.py, its own venv),
-adopted by PEQA in their own codes. A group size that does not divide a layer's ``in_features`` (SmolLM2's
+written into PEQA's quantized base) or ``fz`` (not a package initializer: min-max over each group's own range with a
+*fractional* zero-point, ``s = (max - min) / (2^b - 1)``, ``z = -min / s`` -- the rule of GGUF's Q4_1 / Q5_1, which
+PEQA's integer zero-point cannot hold; written into the base as a float zero-point, which PEQA layers accept. It
+measures how much of a re-quantization's cost is the integer zero-point). ``--adopt DIR ...`` adds untuned rows
+``adopt-<dir>``: compressed-tensors checkpoints of the fp32 model written by llm-compressor
+(scripts/make_quantized_checkpoints.py, its own venv), adopted by PEQA in their own codes. A group size that does not divide a layer's ``in_features`` (SmolLM2's
 576-wide inputs at g128) uses the largest divisor of ``in_features`` below it that is a multiple of 32 (stated in
 the results as ``group_fallback``).
 
@@ -66,7 +69,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BITS = (4, 3, 2)
 GROUPS = ("ch", "g128", "g64", "g32")
-INITS = ("rtn", "mse", "gptq")
+INITS = ("rtn", "mse", "gptq", "fz")
 ALL_CONFIGS = [f"{b}-{g}-{i}" for b in BITS for g in GROUPS for i in INITS]
 ROWS = ("peqa", "peqa3", "lora", "qlora", "full", "qft", "peqa-gguf")
 
@@ -230,6 +233,35 @@ def install_gptq(model, fp_model, hessians, bits: int) -> None:
         base.qweight = pack_bits(codes, bits)
         base.scale = scale
         base.zero_point = zero.to(torch.uint8)
+
+
+@torch.no_grad()
+def fractional_zero_quantize(weight: torch.Tensor, bits: int, group_size: int | None):
+    """Min-max codes over each group's own range with a fractional zero-point (GGUF Q4_1's rule, ``w = s*(q - z)``)."""
+    w = weight.detach().float()
+    groups = w.reshape(w.shape[0], -1, group_size or w.shape[1])
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    maxq = 2**bits - 1
+    scale = ((hi - lo) / maxq).clamp_min(torch.finfo(torch.float32).tiny)
+    zero = -lo / scale
+    codes = torch.clamp(torch.round(groups / scale.unsqueeze(-1) + zero.unsqueeze(-1)), 0, maxq)
+    return codes.to(torch.uint8).reshape(w.shape), scale, zero
+
+
+def install_fractional_zero(model, fp_model, bits: int) -> None:
+    """Overwrite each PEQA base layer's codes/scales/zero-points with :func:`fractional_zero_quantize`'s."""
+    from peqa_peft.core import QuantLinear
+    from peqa_peft.core.packing import pack_bits
+
+    for name in linear_names(fp_model):
+        module = model.get_submodule("base_model.model." + name)
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        if not isinstance(base, QuantLinear):
+            raise TypeError(f"{name} is not quantized ({type(base).__name__})")
+        codes, scale, zero = fractional_zero_quantize(fp_model.get_submodule(name).weight, bits, base.group_size)
+        base.qweight = pack_bits(codes, bits)
+        base.scale = scale
+        base.zero_point = zero
 
 
 @torch.no_grad()
@@ -431,6 +463,7 @@ def render(results: dict, path: Path) -> None:
         "Float reference = the GGUF dequantized by transformers (itself 4-bit blocks of 32: g32 rows line up with the "
         "file's blocks and are optimistic). `gguf-adopt` = `peqa_peft.load_gguf` of the file, untuned; `tuned-*` = "
         "the fixed tuning budget (notes: budget, learning rate, mean loss of the first/last steps, tensors changed). "
+        "`*-fz` = min-max with a fractional zero-point (GGUF Q4_1's rule; not a package initializer, see the script). "
         "`load` = the 1-minute load average when the row finished (2 cores shared: seconds are inflated by it).",
         "",
         "| row | WikiText-2 | x fp32 | PTB | seconds | notes |",
@@ -497,6 +530,8 @@ class Bench:
         bits, group, init = key.split("-")
         model, fallback = peqa_model(self.fp_model, int(bits), group, "mse" if init == "mse" else "minmax")
         info = {"group_fallback": fallback_note(self.fp_model, group, fallback)} if fallback else {}
+        if init == "fz":
+            install_fractional_zero(model, self.fp_model, int(bits))
         if init == "gptq":
             if self.hessians is None:
                 self.hessians = collect_hessians(self.fp_model, self.calibration_ids(), self.args.gptq_sink_weight)

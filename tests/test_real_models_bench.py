@@ -99,3 +99,20 @@ def test_adopt_rows_take_the_checkpoints_own_codes():
     with torch.no_grad():
         torch.testing.assert_close(model(ref["input_ids"]).logits, ref["logits"], rtol=1e-5, atol=1e-5)
     assert info["source"] == ADOPT_FIXTURE.name and info["writer"].startswith("llm-compressor ")
+
+
+def test_fractional_zero_rows_rebuild_a_q4_1_grid_exactly():
+    """The ``fz`` rows' quantizer reproduces weights that lie on a Q4_1-style grid ``d * q + m`` (a float min, each
+    group using codes 0 and 15): the measurement that SmolLM2's re-quantization cost is the integer zero-point."""
+    torch.manual_seed(0)
+    rows, groups, size = 6, 4, 32
+    q = torch.randint(0, 16, (rows, groups, size)).float()
+    q[..., 0], q[..., 1] = 0, 15  # every group spans the whole grid, as llama.cpp's Q4_1 quantizer makes it
+    d = torch.rand(rows, groups, 1) * 0.01 + 1e-3
+    m = -torch.rand(rows, groups, 1) * 0.05  # not a multiple of d: an integer zero-point cannot hold it
+    w = (d * q + m).reshape(rows, groups * size)
+    codes, scale, zero = real_models.fractional_zero_quantize(w, 4, size)
+    assert torch.equal(codes.reshape(q.shape).float(), q)
+    rebuilt = (scale.unsqueeze(-1) * (codes.reshape(q.shape).float() - zero.unsqueeze(-1))).reshape(w.shape)
+    torch.testing.assert_close(rebuilt, w, rtol=0, atol=1e-6)
+    assert not torch.equal(zero, zero.round())
