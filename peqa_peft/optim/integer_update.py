@@ -181,7 +181,7 @@ def _lion_rows(codes, scale, zero, grad, grad_scale, m_codes, m_absmax, outliers
     codes = codes.float()
     update = _code_update(codes, scale, zero, direction, outliers, hp)
     scale, zero, update = _refit(update, scale, zero, reduce_dims)
-    new_codes = torch.floor(update + noise).clamp(0, _MAXQ).to(torch.uint8).view(rows, cols)
+    new_codes = torch.floor(update + noise).clamp(0, _MAXQ).to(torch.uint8)
     return new_codes, scale.view(rows, 1), zero.view(rows, 1), m, m_absmax
 
 
