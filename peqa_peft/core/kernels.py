@@ -47,6 +47,7 @@ _RECOMPILE_LIMIT = 256
 # Reduction splits tried (largest first) for the per-channel decode product: independent partial sums vectorize.
 _DECODE_SPLITS = (16, 8, 4, 2, 1)
 _DECODE_MIN_RUN = 64  # ... each at least this long (four 16-float vectors)
+_DECODE_LANES = 16  # float32 lanes of the decode product's accumulator (one AVX-512 vector; two AVX2 ones)
 # Inductor stores an intermediate once an expression exceeds ~30 ops or 8 reads; unpacking 8 codes from 3 bytes
 # crosses that, and the split costs a weight-sized buffer plus a scalar second kernel. One fused loop is faster.
 # Below this many weights per call, compiling does not pay: the uncompiled kernels of a small layer cost about as much
@@ -181,10 +182,38 @@ def _decode_product(
     k: int,
     splits: int,
 ) -> torch.Tensor:
-    """``x @ (s * (q - z))^T`` for one input row (``xp``: ``(in_features,)`` float32, plane order) from the codes.
+    """``x @ (s * (q - z))^T`` for one input row (``xp``: ``(in_features,)`` float32, plane order) from the codes."""
+    groups = zero_point.shape[1]
+    run = in_features // k // groups  # codes of one group (or row) in one plane
+    if run % _DECODE_LANES == 0:
+        return _decode_lanes(xp, packed, scale, zero_point, bits, rows, in_features, k)
+    return _decode_partial_sums(xp, packed, scale, zero_point, bits, rows, in_features, k, splits)
 
-    Scales multiply partial sums, not every weight.
+
+def _decode_lanes(xp, packed, scale, zero_point, bits: int, rows: int, in_features: int, k: int) -> torch.Tensor:
+    """The decode product accumulated in ``_DECODE_LANES`` lanes per row, reduced across lanes once per row.
+
+    Every group's run of codes is viewed as ``(run / lanes, lanes)`` and the sum runs over the first axis only, so the
+    compiled loop keeps one vector accumulator per row and adds whole vectors to it; a grouped weight's scale
+    multiplies each product (one more vector op) instead of a per-group partial sum, which would need a horizontal
+    reduction every ``run`` codes (measured on one thread, 5632 x 2048 4-bit: 1.33 -> 1.09 ms per channel,
+    1.86 -> 1.40 ms at group 32).
     """
+    groups = zero_point.shape[1]
+    view = (rows, groups, in_features // k // groups // _DECODE_LANES, _DECODE_LANES)
+    z = zero_point.float().view(rows, groups, 1, 1)
+    acc = None
+    for c, plane in enumerate(_planes(packed, bits, rows, in_features, k)):
+        term = xp.view(k, *view[1:])[c] * (plane.view(view).float() - z)
+        acc = term if acc is None else acc + term
+    if groups > 1:
+        acc = acc * scale.float().view(rows, groups, 1, 1)
+    out = acc.sum(dim=(1, 2)).sum(-1)
+    return out if groups > 1 else out * scale.float().view(rows)
+
+
+def _decode_partial_sums(xp, packed, scale, zero_point, bits, rows, in_features, k, splits) -> torch.Tensor:
+    """The decode product for runs shorter than a vector (e.g. 3-bit at group 32): scales multiply partial sums."""
     groups = zero_point.shape[1]
     width = in_features // k
     # Per channel: independent partial sums over `splits` chunks of each row; grouped: one partial sum per group,
