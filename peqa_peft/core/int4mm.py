@@ -90,39 +90,52 @@ def applies(module, x: torch.Tensor, dtype: torch.dtype, qparams_sources: tuple[
     """Whether ``module`` (a QuantLinear) computes ``x`` (in compute ``dtype``) with the int4 kernel.
 
     ``qparams_sources``: the tensors its scale and zero-point come from (a gradient is needed if one requires it).
+    Called on every forward of every quantized layer, so the cheap tests come first (a decode step calls it
+    ~150 times for a 1B model).
     """
-    if dtype != torch.bfloat16 or module.training or module.bits != 4 or not enabled():
+    if dtype is not torch.bfloat16 or module.training or module.bits != 4 or not enabled():
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in qparams_sources)):
         return False
-    if x.numel() == 0 or x.numel() > MAX_ROWS * module.in_features or x.device != module.qweight.device:
+    numel = x.numel()
+    if numel == 0 or numel > MAX_ROWS * module.in_features:
         return False
-    if module.qweight.is_meta:
+    qweight = module.qweight
+    if qweight.is_meta or x.device != qweight.device:
         return False
-    group = int4_group_size(module.bits, module.out_features, module.in_features, module.scale.shape[1], x.device)
-    return group is not None
+    return _group(module, x.device) is not None
+
+
+def _group(module, device: torch.device) -> Optional[int]:
+    """:func:`int4_group_size` for ``module`` on ``device``, remembered per (device, number of groups)."""
+    n_groups = module.scale.shape[1]
+    key = (device, n_groups)
+    memo = module.__dict__.get("_int4_group")
+    if memo is None or memo[0] != key:
+        memo = (key, int4_group_size(module.bits, module.out_features, module.in_features, n_groups, device))
+        module.__dict__["_int4_group"] = memo
+    return memo[1]
 
 
 def _versioned(tensors: tuple[torch.Tensor, ...]) -> Optional[tuple]:
     """A key that changes whenever one of ``tensors`` is replaced or modified in place (None: not trackable).
 
-    The tensor objects themselves are part of the key (compared by identity and kept alive by it, so no other tensor
-    can reuse their address), plus their storage address (``p.data = ...`` keeps the object but swaps the storage)
-    and their version counter (bumped by every in-place op: optimizer steps, ``merge()``, ``load_state_dict``,
-    ``copy_``). Inference-mode tensors have no version counter: those are not cached.
+    ``(tensors, stamps)``: each tensor's identity, storage address (``p.data = ...`` keeps the object but swaps the
+    storage) and version counter (bumped by every in-place op: optimizer steps, ``merge()``, ``load_state_dict``,
+    ``copy_``). The key holds the tensors themselves, so no other tensor can take one of their ``id``s while it
+    lives, and two keys compare by their integer stamps alone (cheap: this runs on every forward). Inference-mode
+    tensors have no version counter: those are not cached.
     """
-    key = []
+    stamps = []
     for t in tensors:
         if t.is_inference():
             return None
-        key.append((t, t.data_ptr(), t._version))
-    return tuple(key)
+        stamps.append((id(t), t.data_ptr(), t._version))
+    return tuple(tensors), tuple(stamps)
 
 
 def _same(a: Optional[tuple], b: Optional[tuple]) -> bool:
-    if a is None or b is None or len(a) != len(b):
-        return False
-    return all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a, b))
+    return a is not None and b is not None and a[1] == b[1]
 
 
 def pack_weight(codes: torch.Tensor) -> torch.Tensor:
@@ -186,19 +199,22 @@ def linear(module, x: torch.Tensor, qparams: Callable, qparams_sources: tuple, t
     cache = module.__dict__.get("_int4_cache")
     if cache is None:  # a QuantLinear built without __init__ (e.g. unpickled from an older version)
         cache = module._int4_cache = Int4Cache()
-    weight_key = _versioned((module.qweight,))
+    qweight = module.qweight
+    weight_key = _versioned((qweight,))
     if cache.weight is None or not _same(cache.weight_key, weight_key):
-        codes = unpack_codes(module.qweight, module.bits, module.out_features, module.in_features)
+        codes = unpack_codes(qweight, module.bits, module.out_features, module.in_features)
         cache.weight, cache.weight_key = pack_weight(codes), weight_key
         cache.scale_and_zero = cache.qparams_key = None
     qparams_key = _versioned(qparams_sources) if trackable else None
     if cache.scale_and_zero is None or not _same(cache.qparams_key, qparams_key):
         cache.scale_and_zero, cache.qparams_key = fold_qparams(*qparams()), qparams_key
-    group = module.in_features // module.scale.shape[1]
-    x2 = x.reshape(-1, module.in_features).to(torch.bfloat16).contiguous()
-    out = matmul(x2, cache.weight, group, cache.scale_and_zero)
-    if module.bias is not None:
-        out = out + module.bias.to(out.dtype)
+    x2 = x.reshape(-1, module.in_features)
+    if x2.dtype is not torch.bfloat16:
+        x2 = x2.to(torch.bfloat16)
+    out = matmul(x2.contiguous(), cache.weight, _group(module, x.device), cache.scale_and_zero)
+    bias = module.bias
+    if bias is not None:
+        out = out + bias.to(out.dtype)
     return out.view(*x.shape[:-1], module.out_features)
 
 

@@ -156,18 +156,19 @@ class Linear(nn.Module, PeqaLayer):
             return base(x)
         # merged_qparams (s0 + Δs, a few small ops) only runs when the base needs it: not while the int4 path's
         # folded scales are current for these sources.
-        return base(x, qparams_sources=self.qparams_sources(), qparams=self.merged_qparams)
+        return base(x, qparams_sources=self._qparams_sources(base), qparams=self.merged_qparams)
 
     def qparams_sources(self) -> tuple[torch.Tensor, ...]:
         """The tensors :meth:`merged_qparams` is computed from now (``s0``, ``z0``, the active adapters' deltas).
 
         The base layer's int4 path keeps its folded scales while none of them is replaced or modified in place.
         """
-        base = self.get_base_layer()
-        active = [a for a in self.active_adapters if a in self.peqa_scale]
-        deltas = [self.peqa_scale[a] for a in active] + [
-            self.peqa_zero_point[a] for a in active if a in self.peqa_zero_point
-        ]
+        return self._qparams_sources(self.get_base_layer())
+
+    def _qparams_sources(self, base) -> tuple[torch.Tensor, ...]:
+        scales, zeros = self.peqa_scale, self.peqa_zero_point  # one module lookup each (called every forward)
+        active = [a for a in self.active_adapters if a in scales]
+        deltas = [scales[a] for a in active] + [zeros[a] for a in active if a in zeros]
         return (base.scale, base.zero_point, *deltas)
 
     def __repr__(self) -> str:
