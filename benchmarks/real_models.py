@@ -25,9 +25,9 @@ written into PEQA's quantized base) or ``fz`` (not a package initializer: min-ma
 PEQA's integer zero-point cannot hold; written into the base as a float zero-point, which PEQA layers accept. It
 measures how much of a re-quantization's cost is the integer zero-point). ``--adopt DIR ...`` adds untuned rows
 ``adopt-<dir>``: compressed-tensors checkpoints of the fp32 model written by llm-compressor
-(scripts/make_quantized_checkpoints.py, its own venv), adopted by PEQA in their own codes. A group size that does not divide a layer's ``in_features`` (SmolLM2's
-576-wide inputs at g128) uses the largest divisor of ``in_features`` below it that is a multiple of 32 (stated in
-the results as ``group_fallback``).
+(scripts/make_quantized_checkpoints.py, its own venv), adopted by PEQA in their own codes. A group size that does
+not divide a layer's ``in_features`` (SmolLM2's 576-wide inputs at g128) uses the largest divisor of
+``in_features`` below it that is a multiple of 32 (stated in the results as ``group_fallback``).
 
 Tuning rows (``--rows``): the issue's fixed budget, ``--steps`` (30) Alpaca SFT steps, batch 4 x 256 tokens, the
 CLI's defaults otherwise (``peqa_peft.workflows.train``'s TrainConfig/SFTTrainer, same seed and data order for every
