@@ -211,7 +211,8 @@ def linear(module, x: torch.Tensor, qparams: Callable, qparams_sources: tuple, t
     x2 = x.reshape(-1, module.in_features)
     if x2.dtype is not torch.bfloat16:
         x2 = x2.to(torch.bfloat16)
-    out = matmul(x2.contiguous(), cache.weight, _group(module, x.device), cache.scale_and_zero)
+    group = module.in_features // module.scale.shape[1]  # applies() checked the kernel takes it
+    out = matmul(x2.contiguous(), cache.weight, group, cache.scale_and_zero)
     bias = module.bias
     if bias is not None:
         out = out + bias.to(out.dtype)
